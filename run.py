@@ -1,0 +1,11 @@
+#!/usr/bin/env python3
+"""selfloop: a population of randomly initialized learned optimizers trains itself.
+
+python run.py                      # train with configs/default.toml
+python run.py --config configs/paper.toml --max-minutes 600
+"""
+
+from selfloop.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""Meta-gradient estimators over truncated unrolls of persistent inner problems.
+
+- "es": antithetic truncated evolution strategies. Each segment starts every
+  pair from the same carried state; ĝ = mean_p (L⁺_p − L⁻_p)/(2σ²)·ε_p; the
+  positive state of pair 0 is carried forward.
+- "pes": persistent evolution strategies (Vicol, Metz, Sohl-Dickstein 2021,
+  "Unbiased gradient estimation in unrolled computation graphs with persistent
+  evolution strategies"). Every ± particle keeps its own state across
+  segments and an accumulator A_p of its past perturbations in this episode;
+  ĝ = mean_p (L⁺_p − L⁻_p)·(A_p + ε_p)/(2σ²); A resets with the episode.
+
+L± is the mean over the segment of ℓ(t)/ℓ_init clipped to [0, clip]: a
+non-finite inner loss becomes the clip value, never a NaN gradient. Inner
+problems are replaced at a segment boundary once their sampled horizon has
+passed or their weights stopped being finite (``needs_reset``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from selfloop.config import EstimatorConfig
+from selfloop.lopt.base import LearnedOptimizer, tree_all_finite
+from selfloop.tasks.base import TaskSpec
+from selfloop.tasks.normalize import ratio_to_initial
+from selfloop.unroll import Episode, InnerOptimizer, InnerState, broadcast_batch, task_program
+
+ESTIMATORS = ("es", "pes")
+
+
+class SlotState(NamedTuple):
+    """One persistent inner problem of a member, with its ± particles."""
+
+    episode: Episode
+    inners: InnerState  # leaves [2P, ...]: + particles first, then − particles
+    accumulator: Any  # θ-shaped leaves [P, ...]: PES perturbation sum (zeros for ES)
+
+
+class GradientEstimate(NamedTuple):
+    gradient: Any  # θ-shaped meta-gradient estimate
+    meta_loss: float  # mean of L⁺ and L⁻ over pairs
+    slot: SlotState  # the advanced inner problem
+
+
+def as_inner_optimizer(lopt: LearnedOptimizer) -> InnerOptimizer:
+    return InnerOptimizer(init_state=lopt.init_state, update=lopt.update)
+
+
+def _zeros_like_batched(theta: Any, size: int) -> Any:
+    return jax.tree_util.tree_map(lambda x: jnp.zeros((size, *x.shape), x.dtype), theta)
+
+
+def new_slot(
+    lopt: LearnedOptimizer,
+    spec: TaskSpec,
+    theta: Any,
+    config: EstimatorConfig,
+    horizon: tuple[float, float],
+    episode: int = 0,
+) -> SlotState:
+    """Start episode ``episode`` of ``spec`` for all 2P particles."""
+    program = task_program(spec.family, spec.bucket, as_inner_optimizer(lopt))
+    state, inner = program.start(spec, episode, horizon)
+    return SlotState(
+        episode=state,
+        inners=broadcast_batch(inner, 2 * config.pairs),
+        accumulator=_zeros_like_batched(theta, config.pairs),
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _perturbations(theta: Any, key: jax.Array, pairs: int, std: float):
+    """ε_p ~ N(0, std²I) and the particle weights [θ+ε_1..θ+ε_P, θ−ε_1..θ−ε_P]."""
+    leaves, treedef = jax.tree_util.tree_flatten(theta)
+    keys = jax.random.split(key, len(leaves))
+    eps = [std * jax.random.normal(k, (pairs, *x.shape), x.dtype) for k, x in zip(keys, leaves)]
+    particles = [jnp.concatenate([x + e, x - e]) for x, e in zip(leaves, eps)]
+    unflatten = functools.partial(jax.tree_util.tree_unflatten, treedef)
+    return unflatten(eps), unflatten(particles)
+
+
+@jax.jit
+def _weighted_mean(weights: Any, coefficients: jax.Array) -> Any:
+    """mean_p coefficients[p] * weights[p] for every leaf."""
+    return jax.tree_util.tree_map(lambda w: jnp.tensordot(coefficients, w, axes=1) / coefficients.shape[0], weights)
+
+
+_all_finite = jax.jit(tree_all_finite)
+_tree_add = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b))
+
+
+def needs_reset(slot: SlotState) -> bool:
+    """True once the episode's horizon has passed or its weights are non-finite."""
+    episode = slot.episode
+    return int(episode.step) >= int(episode.horizon) or not bool(_all_finite(slot.inners.params))
+
+
+def _first_particle_everywhere(inners: InnerState) -> InnerState:
+    return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x[0], x.shape), inners)
+
+
+def estimate_gradient(
+    lopt: LearnedOptimizer,
+    theta: Any,
+    spec: TaskSpec,
+    slot: SlotState,
+    truncation: int,
+    config: EstimatorConfig,
+    horizon: tuple[float, float],
+    key: jax.Array,
+) -> GradientEstimate:
+    """Advance one inner problem by ``truncation`` steps and estimate dL/dθ.
+
+    The caller replaces a slot for which ``needs_reset`` holds before calling.
+    """
+    if truncation % config.chunk:
+        raise ValueError(f"truncation {truncation} is not a multiple of estimator.chunk={config.chunk}")
+    program = task_program(spec.family, spec.bucket, as_inner_optimizer(lopt))
+    if config.kind == "es":
+        slot = slot._replace(inners=_first_particle_everywhere(slot.inners))
+
+    eps, particles = _perturbations(theta, key, config.pairs, config.std)
+    inners, episode = slot.inners, slot.episode
+    meta_loss_sum = np.zeros(2 * config.pairs)
+    for _ in range(truncation // config.chunk):
+        inners, episode, losses = program.advance(spec, particles, inners, episode, config.chunk)
+        meta_loss_sum += ratio_to_initial(np.asarray(losses), float(episode.init_loss), config.meta_loss_clip).sum(
+            axis=0
+        )
+    meta_loss = meta_loss_sum / truncation
+    difference = meta_loss[: config.pairs] - meta_loss[config.pairs :]
+    coefficients = jnp.asarray(difference / (2.0 * config.std**2), jnp.float32)
+
+    if config.kind == "pes":
+        accumulator = _tree_add(slot.accumulator, eps)
+        gradient = _weighted_mean(accumulator, coefficients)
+    else:
+        accumulator = slot.accumulator
+        gradient = _weighted_mean(eps, coefficients)
+    new_slot_state = SlotState(episode=episode, inners=inners, accumulator=accumulator)
+    return GradientEstimate(gradient, float(meta_loss.mean()), new_slot_state)

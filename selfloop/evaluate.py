@@ -1,0 +1,109 @@
+"""Held-out evaluation against Adam on the very same tasks.
+
+Every member trains each held-out task from the same initialization with the
+same data; so does Adam at each of the 15 fixed learning rates. Curves are
+normalized per task (TaskSet style) by the best loss any Adam rate reached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from selfloop.estimators import as_inner_optimizer
+from selfloop.lopt import LearnedOptimizer
+from selfloop.tasks.base import TaskSpec
+from selfloop.tasks.normalize import normalize_curve
+from selfloop.unroll import learning_curves
+
+
+@dataclass(frozen=True)
+class AdamReference:
+    """Adam's curves on a held-out set: ``curves[task]`` is [steps + 1, 15]."""
+
+    learning_rates: tuple[float, ...]
+    curves: tuple[np.ndarray, ...]
+
+    def best_losses(self) -> np.ndarray:
+        """ℓ_best per task: the lowest loss any learning rate reached."""
+        return np.array([np.nanmin(np.where(np.isfinite(c), c, np.nan)) for c in self.curves])
+
+    def init_losses(self) -> np.ndarray:
+        return np.array([c[0, 0] for c in self.curves])
+
+
+def _reference_key(specs: tuple[TaskSpec, ...], steps: int) -> str:
+    text = json.dumps([asdict(s) for s in specs] + [steps], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def adam_reference(
+    specs: tuple[TaskSpec, ...], steps: int, chunk: int, cache_dir: Path | None = None, progress=None
+) -> AdamReference:
+    """Adam at every rate on every task; loaded from ``cache_dir`` when computed before."""
+    from selfloop.baselines import ADAM, ADAM_LEARNING_RATES, learning_rate_batch
+
+    path = cache_dir / f"adam_reference_{_reference_key(specs, steps)}.npz" if cache_dir else None
+    if path is not None and path.exists():
+        stored = np.load(path)
+        return AdamReference(tuple(stored["learning_rates"]), tuple(stored[f"task{i}"] for i in range(len(specs))))
+    curves = []
+    for i, spec in enumerate(specs):
+        curves.append(learning_curves(spec, ADAM, learning_rate_batch(), steps, chunk))
+        if progress:
+            progress(f"adam reference {i + 1}/{len(specs)} ({spec.family})")
+    reference = AdamReference(ADAM_LEARNING_RATES, tuple(curves))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, learning_rates=np.asarray(ADAM_LEARNING_RATES), **{f"task{i}": c for i, c in enumerate(curves)})
+        tmp.replace(path)
+    return reference
+
+
+@dataclass(frozen=True)
+class HeldoutResult:
+    """Mean normalized loss (over tasks and steps) for members and baselines."""
+
+    members: np.ndarray  # [members]
+    members_final: np.ndarray  # [members]: normalized loss at the last step
+    adam_fixed: np.ndarray  # [15]: one fixed rate for every task
+    adam_tuned: float  # best rate chosen per task
+
+    @property
+    def best_member(self) -> int:
+        return int(np.argmin(self.members))
+
+    @property
+    def best_fixed_adam(self) -> float:
+        return float(np.min(self.adam_fixed))
+
+
+def normalized_curves(curves: np.ndarray, reference: AdamReference, task: int) -> np.ndarray:
+    return normalize_curve(curves, reference.init_losses()[task], reference.best_losses()[task])
+
+
+def adam_summary(reference: AdamReference) -> tuple[np.ndarray, float]:
+    """(mean normalized loss of each fixed rate, of per-task tuned Adam)."""
+    per_task = np.stack([normalized_curves(c, reference, t).mean(axis=0) for t, c in enumerate(reference.curves)])
+    return per_task.mean(axis=0), float(per_task.min(axis=1).mean())
+
+
+def evaluate_members(
+    lopt: LearnedOptimizer, thetas: list, specs: tuple[TaskSpec, ...], steps: int, chunk: int, reference: AdamReference
+) -> HeldoutResult:
+    """Every member on every held-out task, normalized against Adam."""
+    stacked = jax.tree_util.tree_map(lambda *t: np.stack(t), *thetas)
+    means, finals = [], []
+    for t, spec in enumerate(specs):
+        curves = learning_curves(spec, as_inner_optimizer(lopt), stacked, steps, chunk)
+        normalized = normalized_curves(curves, reference, t)
+        means.append(normalized.mean(axis=0))
+        finals.append(normalized[-1])
+    fixed, tuned = adam_summary(reference)
+    return HeldoutResult(np.mean(means, axis=0), np.mean(finals, axis=0), fixed, tuned)

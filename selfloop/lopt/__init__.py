@@ -1,0 +1,26 @@
+"""Learned optimizers: pure ``init``/``update`` functions on pytrees."""
+
+from __future__ import annotations
+
+import functools
+
+from selfloop.lopt.base import LearnedOptimizer
+from selfloop.lopt.mlp import MLPLOptConfig, make_mlp_lopt
+
+# Architecture name (the config's ``lopt.arch``) -> factory from the lopt config.
+LOPT_ARCHITECTURES = {
+    "mlp": lambda cfg: make_mlp_lopt(MLPLOptConfig(hidden=cfg.hidden)),
+}
+
+
+@functools.cache
+def make_lopt(lopt_config) -> LearnedOptimizer:
+    """The learned optimizer that ``lopt_config.arch`` names.
+
+    Cached: one config gives the very same functions every time, which is what
+    keys the compiled-program cache.
+    """
+    return LOPT_ARCHITECTURES[lopt_config.arch](lopt_config)
+
+
+__all__ = ["LOPT_ARCHITECTURES", "LearnedOptimizer", "make_lopt"]

@@ -1,0 +1,142 @@
+"""The self-training population (Metz et al. 2021, "Training Learned Optimizers
+with Randomly Initialized Learned Optimizers").
+
+Member i holds lopt weights θ_i, the index o(i) of the member whose lopt is its
+outer optimizer, the per-weight state that lopt keeps for θ_i, a truncation
+length K_i and its persistent inner problems. One outer step of member i:
+θ_i, state_i <- lopt.update(θ_{o(i)}, θ_i, ĝ_i, state_i). That is the only
+way θ ever changes; no hand-designed optimizer exists on this path.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from selfloop.config import Config
+from selfloop.estimators import SlotState
+from selfloop.lopt import LearnedOptimizer, make_lopt
+from selfloop.lopt.base import tree_all_finite, tree_l2_norm
+from selfloop.tasks.base import TaskSpec
+from selfloop.work import UnitContext, initial_slot
+
+
+@dataclass
+class Slot:
+    spec: TaskSpec
+    state: SlotState
+
+
+@dataclass
+class Member:
+    theta: Any  # lopt weights
+    outer_state: Any  # state that the outer optimizer's lopt keeps for θ
+    outer_index: int  # o(i): whose lopt updates this member
+    truncation: int  # K
+    slots: list[Slot]
+    steps: int = 0  # outer steps taken by this lineage's weights
+    last_exploit_step: int = 0
+    meta_loss: float = float("nan")
+    last_event: str = "init"
+    rejected_steps: int = 0
+    history: list[float] = field(default_factory=list)  # held-out scores
+
+
+class OuterStep(NamedTuple):
+    theta: Any
+    state: Any
+    accepted: jax.Array  # bool []: False when the step would leave θ non-finite
+    step_ratio: jax.Array  # float32 []: ‖Δθ‖/‖θ‖ as proposed by the lopt
+    shortened: jax.Array  # bool []: whether the step-size rail shortened it
+
+
+def context_for(config: Config) -> UnitContext:
+    return UnitContext(seed=config.run.seed, lopt=config.lopt, estimator=config.estimator, tasks=config.tasks)
+
+
+def init_population(config: Config) -> list[Member]:
+    """Random lopt weights, random outer optimizers, random truncations."""
+    lopt = make_lopt(config.lopt)
+    context = context_for(config)
+    rng = np.random.default_rng([config.run.seed, 0x9091])
+    keys = jax.random.split(jax.random.PRNGKey(config.run.seed), config.population.size)
+    members = []
+    for i, key in enumerate(keys):
+        theta = lopt.init_theta(key)
+        slots = [Slot(*initial_slot(context, i, s, theta)) for s in range(config.population.tasks_per_member)]
+        members.append(
+            Member(
+                theta=theta,
+                outer_state=lopt.init_state(theta),
+                outer_index=int(rng.integers(config.population.size)),
+                truncation=int(rng.choice(config.population.truncations)),
+                slots=slots,
+            )
+        )
+    return members
+
+
+@functools.cache
+def outer_step_fn(lopt: LearnedOptimizer):
+    """Jitted outer update for ``lopt``: the lopt's own update rule, with two
+    safety rails that never replace it: a non-finite result is rejected, and a
+    step longer than ``max_step_ratio``·‖θ‖ is shortened (0 disables)."""
+
+    @jax.jit
+    def outer_step(outer_theta, theta, gradient, state, max_step_ratio) -> OuterStep:
+        gradient = jax.tree_util.tree_map(lambda g: jnp.where(jnp.isfinite(g), g, 0.0), gradient)
+        proposed, new_state = lopt.update(outer_theta, theta, gradient, state)
+        delta = jax.tree_util.tree_map(jnp.subtract, proposed, theta)
+        theta_norm = tree_l2_norm(theta)
+        ratio = tree_l2_norm(delta) / jnp.maximum(theta_norm, 1e-12)
+        shortened = (max_step_ratio > 0) & (ratio > max_step_ratio)
+        factor = jnp.where(shortened, max_step_ratio / jnp.maximum(ratio, 1e-30), 1.0)
+        new_theta = jax.tree_util.tree_map(lambda t, d: t + factor * d, theta, delta)
+        accepted = tree_all_finite(new_theta) & tree_all_finite(new_state)
+        keep = functools.partial(jax.tree_util.tree_map, lambda new, old: jnp.where(accepted, new, old))
+        return OuterStep(keep(new_theta, theta), keep(new_state, state), accepted, ratio, shortened)
+
+    return outer_step
+
+
+def mean_gradient(gradients: list[Any]) -> Any:
+    return jax.tree_util.tree_map(lambda *g: sum(g) / len(g), *gradients)
+
+
+def apply_outer_steps(
+    members: list[Member],
+    gradients: dict[int, list[Any]],
+    lopt: LearnedOptimizer,
+    max_step_ratio: float,
+) -> list[OuterStep]:
+    """Update every member that has gradients, all from the same snapshot of
+    the population (θ_{o(i)} as it was at the start of the round)."""
+    snapshot = [m.theta for m in members]
+    step = outer_step_fn(lopt)
+    results = []
+    for i, member in enumerate(members):
+        if not gradients.get(i):
+            continue
+        result = step(
+            snapshot[member.outer_index],
+            member.theta,
+            mean_gradient(gradients[i]),
+            member.outer_state,
+            jnp.float32(max_step_ratio),
+        )
+        member.theta, member.outer_state = result.theta, result.state
+        if bool(result.accepted):
+            member.steps += 1
+        else:
+            member.rejected_steps += 1
+        results.append(result)
+    return results
+
+
+def is_finite_member(member: Member) -> bool:
+    return bool(tree_all_finite(member.theta))

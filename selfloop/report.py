@@ -1,0 +1,68 @@
+"""Plain reporter: one line per round, per PBT event and per evaluation.
+
+For terminals that are not terminals (CI, nohup, pipes) and for ``--dashboard
+plain``. Pure formatting of the event records; printing is the caller's.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+import numpy as np
+
+
+def _members(values) -> str:
+    return " ".join(f"{v:.3f}" for v in values)
+
+
+def format_record(record: dict) -> str | None:
+    """One line for an event record, or None for records not shown."""
+    kind = record["kind"]
+    if kind == "round":
+        meta = np.asarray(record["meta_loss"], dtype=float)
+        return (
+            f"round {record['round']:5d}  {record['elapsed']:7.1f}s  meta-loss best {np.nanmin(meta):.3f} "
+            f"mean {np.nanmean(meta):.3f}  inner steps {record['inner_steps']:,}"
+            + (f"  rejected {record['rejected']}" if record["rejected"] else "")
+        )
+    if kind == "pbt":
+        changes = []
+        if record["outer_redrawn"]:
+            changes.append(f"outer->m{record['outer_index']}")
+        if record["truncation_redrawn"]:
+            changes.append(f"K->{record['truncation']}")
+        return (
+            f"pbt   round {record['round']:5d}  m{record['winner']} ({record['winner_score']:.3f}) beat "
+            f"m{record['loser']} ({record['loser_score']:.3f}): copied {', '.join(record['copied'])}"
+            + (f"; {'; '.join(changes)}" if changes else "")
+        )
+    if kind == "pbt_skipped":
+        return f"pbt   round {record['round']:5d}  skipped: {record['reason']}"
+    if kind == "eval":
+        return (
+            f"eval  round {record['round']:5d}  {record['elapsed']:7.1f}s  held-out best m{record['best_member']} "
+            f"{record['best']:.3f}  | Adam best fixed {record['adam_best_fixed']:.3f} tuned {record['adam_tuned']:.3f}"
+            f"  | members {_members(record['members'])}"
+        )
+    if kind == "progress":
+        return f"...   {record['message']}"
+    if kind == "start":
+        return f"start {len(record['heldout'])} held-out tasks"
+    if kind == "end":
+        return (
+            f"end   round {record['round']}  {record['elapsed']:.1f}s  best held-out {record['start_best']:.3f} -> "
+            f"{record['end_best']:.3f}  (Adam best fixed {record['adam_best_fixed']:.3f}, "
+            f"tuned {record['adam_tuned']:.3f})"
+        )
+    return None
+
+
+class PlainReporter:
+    def __init__(self, stream: TextIO = sys.stdout):
+        self.stream = stream
+
+    def __call__(self, record: dict) -> None:
+        line = format_record(record)
+        if line is not None:
+            print(line, file=self.stream, flush=True)

@@ -1,0 +1,221 @@
+"""The master loop: rounds of outer steps, PBT tournaments, held-out evaluation.
+
+One round gives every member one outer step: its units (one per persistent
+inner problem) run from a snapshot of the population, then every member is
+updated by its outer optimizer's lopt. Everything observable leaves through
+``report(record)`` as a plain dict, also appended to ``events.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from selfloop.config import Config, config_to_dict
+from selfloop.evaluate import adam_reference, evaluate_members
+from selfloop.lopt import make_lopt
+from selfloop.pbt import tournament
+from selfloop.population import Member, apply_outer_steps, context_for, init_population
+from selfloop.tasks.sampler import heldout_tasks
+from selfloop.work import UnitResult, WorkUnit, run_unit
+
+Report = Callable[[dict], None]
+MapFn = Callable[[Callable, Iterable], Iterable]
+
+
+@dataclass
+class RunState:
+    members: list[Member]
+    round: int = 0
+    pbt_events: int = 0
+    pbt_rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    last_pbt_time: float = 0.0
+    last_pbt_round: int = 0
+    last_eval_time: float = 0.0
+    last_eval_round: int = 0
+    inner_steps: int = 0
+
+
+class EventLog:
+    """Append-only JSON lines next to the checkpoints, readable without the code."""
+
+    def __init__(self, path: Path, report: Report):
+        self.path, self.report = path, report
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, record: dict) -> None:
+        record = {"wall_time": time.time(), **record}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record, default=_jsonable) + "\n")
+        self.report(record)
+
+
+def _jsonable(value: Any):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _due(now: float, last_time: float, seconds: float, round_index: int, last_round: int, rounds: int) -> bool:
+    by_time = seconds > 0 and now - last_time >= seconds
+    by_rounds = rounds > 0 and round_index - last_round >= rounds
+    return by_time or by_rounds
+
+
+def make_units(state: RunState) -> list[WorkUnit]:
+    return [
+        WorkUnit(
+            round=state.round,
+            member=i,
+            slot=s,
+            theta=m.theta,
+            spec=slot.spec,
+            state=slot.state,
+            truncation=m.truncation,
+        )
+        for i, m in enumerate(state.members)
+        for s, slot in enumerate(m.slots)
+    ]
+
+
+def absorb_results(state: RunState, results: Iterable[UnitResult], pairs: int) -> dict[int, list]:
+    """Store advanced inner states; return meta-gradients grouped by member."""
+    gradients: dict[int, list] = {}
+    losses: dict[int, list[float]] = {}
+    for result in results:
+        slot = state.members[result.member].slots[result.slot]
+        slot.spec, slot.state = result.spec, result.state
+        gradients.setdefault(result.member, []).append(result.gradient)
+        losses.setdefault(result.member, []).append(result.meta_loss)
+        state.inner_steps += 2 * pairs * state.members[result.member].truncation
+    for i, values in losses.items():
+        state.members[i].meta_loss = float(np.mean(values))
+    return gradients
+
+
+class Trainer:
+    """Holds what a run needs: config, lopt, held-out set and its Adam reference."""
+
+    def __init__(self, config: Config, run_dir: Path, report: Report, map_fn: MapFn = map):
+        self.config, self.run_dir, self.map_fn = config, run_dir, map_fn
+        self.log = EventLog(run_dir / "events.jsonl", report)
+        self.lopt = make_lopt(config.lopt)
+        self.context = context_for(config)
+        self.heldout = heldout_tasks(config.eval.tasks, config.tasks.families, config.eval.seed)
+        self.reference = None
+
+    def prepare(self) -> None:
+        self.log(
+            {"kind": "start", "config": config_to_dict(self.config), "heldout": [s.describe() for s in self.heldout]}
+        )
+        self.reference = adam_reference(
+            self.heldout,
+            self.config.eval.steps,
+            self.config.eval.chunk,
+            self.run_dir,
+            progress=lambda text: self.log({"kind": "progress", "message": text}),
+        )
+
+    def new_state(self) -> RunState:
+        return RunState(
+            members=init_population(self.config), pbt_rng=np.random.default_rng([self.config.run.seed, 0xB7])
+        )
+
+    def evaluate(self, state: RunState, started: float) -> dict:
+        cfg = self.config.eval
+        result = evaluate_members(
+            self.lopt, [m.theta for m in state.members], self.heldout, cfg.steps, cfg.chunk, self.reference
+        )
+        for member, score in zip(state.members, result.members):
+            member.history.append(float(score))
+        record = {
+            "kind": "eval",
+            "round": state.round,
+            "elapsed": time.time() - started,
+            "members": result.members,
+            "members_final": result.members_final,
+            "best_member": result.best_member,
+            "best": float(result.members.min()),
+            "adam_fixed": result.adam_fixed,
+            "adam_best_fixed": result.best_fixed_adam,
+            "adam_tuned": result.adam_tuned,
+        }
+        self.log(record)
+        return record
+
+    def run_round(self, state: RunState, started: float) -> None:
+        results = list(self.map_fn(lambda unit: run_unit(self.context, unit), make_units(state)))
+        gradients = absorb_results(state, results, self.config.estimator.pairs)
+        steps = apply_outer_steps(state.members, gradients, self.lopt, self.config.population.max_step_ratio)
+        state.round += 1
+        self.log(
+            {
+                "kind": "round",
+                "round": state.round,
+                "elapsed": time.time() - started,
+                "meta_loss": [m.meta_loss for m in state.members],
+                "outer_index": [m.outer_index for m in state.members],
+                "truncation": [m.truncation for m in state.members],
+                "rejected": int(sum(not bool(s.accepted) for s in steps)),
+                "shortened": int(sum(bool(s.shortened) for s in steps)),
+                "replaced_tasks": int(sum(r.replaced for r in results)),
+                "inner_steps": state.inner_steps,
+            }
+        )
+
+    def maybe_pbt(self, state: RunState, started: float) -> None:
+        cfg, now = self.config.pbt, time.time()
+        if not _due(
+            now, state.last_pbt_time, cfg.interval_seconds, state.round, state.last_pbt_round, cfg.interval_rounds
+        ):
+            return
+        event = tournament(state.members, self.lopt, self.config, state.pbt_rng, state.pbt_events, state.round)
+        state.pbt_events += 1
+        state.last_pbt_time, state.last_pbt_round = time.time(), state.round
+        if event is None:
+            self.log({"kind": "pbt_skipped", "round": state.round, "reason": "no finite member in the pair"})
+        else:
+            self.log({**event.as_record(), "elapsed": time.time() - started})
+
+    def maybe_evaluate(self, state: RunState, started: float) -> None:
+        cfg, now = self.config.eval, time.time()
+        if _due(
+            now, state.last_eval_time, cfg.interval_seconds, state.round, state.last_eval_round, cfg.interval_rounds
+        ):
+            self.evaluate(state, started)
+            state.last_eval_time, state.last_eval_round = time.time(), state.round
+
+    def train(self, state: RunState, max_minutes: float, max_rounds: int) -> dict:
+        """Run until the time or round budget is spent; returns the final eval."""
+        started = time.time() - 0.0
+        state.last_pbt_time = state.last_eval_time = started
+        first = self.evaluate(state, started)
+        while True:
+            self.run_round(state, started)
+            self.maybe_pbt(state, started)
+            out_of_time = max_minutes > 0 and time.time() - started >= 60.0 * max_minutes
+            out_of_rounds = max_rounds > 0 and state.round >= max_rounds
+            if out_of_time or out_of_rounds:
+                break
+            self.maybe_evaluate(state, started)
+        last = self.evaluate(state, started)
+        self.log(
+            {
+                "kind": "end",
+                "round": state.round,
+                "elapsed": time.time() - started,
+                "start_best": first["best"],
+                "end_best": last["best"],
+                "adam_best_fixed": last["adam_best_fixed"],
+                "adam_tuned": last["adam_tuned"],
+            }
+        )
+        return last
