@@ -100,6 +100,7 @@ def needs_reset(slot: SlotState) -> bool:
     return int(episode.step) >= int(episode.horizon) or not bool(_all_finite(slot.inners.params))
 
 
+@jax.jit
 def _first_particle_everywhere(inners: InnerState) -> InnerState:
     return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x[0], x.shape), inners)
 
@@ -121,11 +122,15 @@ def estimate_gradient(
     if truncation % config.chunk:
         raise ValueError(f"truncation {truncation} is not a multiple of estimator.chunk={config.chunk}")
     program = task_program(spec.family, spec.bucket, as_inner_optimizer(lopt))
+    # Fresh buffers: the unroll donates its inputs, and the caller's slot must
+    # stay valid so that a retried unit computes the same result.
     if config.kind == "es":
-        slot = slot._replace(inners=_first_particle_everywhere(slot.inners))
+        inners = _first_particle_everywhere(slot.inners)
+    else:
+        inners = jax.tree_util.tree_map(jnp.array, slot.inners)
+    episode = slot.episode
 
     eps, particles = _perturbations(theta, key, config.pairs, config.std)
-    inners, episode = slot.inners, slot.episode
     meta_loss_sum = np.zeros(2 * config.pairs)
     for _ in range(truncation // config.chunk):
         inners, episode, losses = program.advance(spec, particles, inners, episode, config.chunk)

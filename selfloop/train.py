@@ -194,10 +194,14 @@ class Trainer:
             state.last_eval_time, state.last_eval_round = time.time(), state.round
 
     def train(self, state: RunState, max_minutes: float, max_rounds: int) -> dict:
-        """Run until the time or round budget is spent; returns the final eval."""
-        started = time.time() - 0.0
-        state.last_pbt_time = state.last_eval_time = started
+        """Run until the time or round budget is spent; returns the final eval.
+
+        Elapsed time counts from the first evaluation of the random population;
+        the Adam reference (``prepare``) is computed before and cached on disk.
+        """
+        started = time.time()
         first = self.evaluate(state, started)
+        state.last_pbt_time = state.last_eval_time = time.time()
         while True:
             self.run_round(state, started)
             self.maybe_pbt(state, started)

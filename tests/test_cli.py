@@ -1,0 +1,60 @@
+"""``python run.py`` end to end on the smoke config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "run.py", "--config", "configs/smoke.toml", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_smoke_run_writes_every_kind_of_event_and_refuses_to_overwrite(tmp_path):
+    run_dir = tmp_path / "run"
+    result = _run("--checkpoint-dir", str(run_dir), "--dashboard", "plain")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in records]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert kinds.count("round") == 4 and "pbt" in kinds and kinds.count("eval") >= 2
+    pbt = next(r for r in records if r["kind"] == "pbt")
+    assert {
+        "time",
+        "round",
+        "winner",
+        "loser",
+        "winner_score",
+        "loser_score",
+        "copied",
+        "outer_redrawn",
+        "truncation_redrawn",
+    } <= set(pbt)
+    assert "pbt   round" in result.stdout and "eval  round" in result.stdout
+
+    again = _run("--checkpoint-dir", str(run_dir))
+    assert again.returncode == 2 and "--fresh" in again.stderr
+
+    fresh = _run("--checkpoint-dir", str(run_dir), "--fresh", "--max-rounds", "1")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert len(list(run_dir.glob("events-*.jsonl"))) == 1  # the first run's log is kept
+
+
+def test_seed_changes_the_run(tmp_path):
+    outputs = []
+    for seed in (1, 2):
+        run_dir = tmp_path / f"s{seed}"
+        assert _run("--checkpoint-dir", str(run_dir), "--seed", str(seed), "--max-rounds", "1").returncode == 0
+        rounds = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+        outputs.append([r["meta_loss"] for r in rounds if r["kind"] == "round"])
+    assert outputs[0] != outputs[1]

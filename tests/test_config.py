@@ -1,0 +1,90 @@
+"""Configs: typed, validated, and a bad one stops before anything is written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from selfloop.config import ConfigError, config_from_dict, config_to_dict, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", ["default", "paper", "smoke"])
+def test_shipped_configs_load(name):
+    config = load_config(REPO / "configs" / f"{name}.toml")
+    assert config_from_dict(config_to_dict(config)) == config
+
+
+def test_paper_config_has_the_papers_sizes():
+    config = load_config(REPO / "configs" / "paper.toml")
+    assert config.population.size == 10
+    assert config.population.truncations == (200, 300, 400, 800)
+    assert config.pbt.tasks == 100 and config.eval.tasks == 100 and config.eval.steps == 10_000
+    assert config.pbt.p_outer_redraw == 0.5 and config.pbt.p_truncation_redraw == 0.1
+
+
+@pytest.mark.parametrize(
+    "raw,fragment",
+    [
+        ({"population": {"sise": 10}}, "population.sise: unknown key"),
+        ({"population": {"size": "ten"}}, "population.size: expected int"),
+        ({"population": {"size": -3}}, "population.size: expected an integer >= 2"),
+        ({"population": {"truncations": [200, 0]}}, "population.truncations: expected a non-empty list of positive"),
+        ({"estimator": {"kind": "adam"}}, "estimator.kind: expected one of ['es', 'pes']"),
+        ({"pbt": {"p_outer_redraw": 1.5}}, "pbt.p_outer_redraw: expected a probability"),
+        ({"tasks": {"families": ["quadratic", "imagenet"]}}, "tasks.families: expected a non-empty list drawn from"),
+        ({"bogus": {}}, "unknown section [bogus]"),
+        (
+            {"population": {"truncations": [25]}, "estimator": {"chunk": 10}},
+            "population.truncations: 25 is not a multiple",
+        ),
+    ],
+)
+def test_bad_values_name_the_key(raw, fragment):
+    with pytest.raises(ConfigError, match=None) as error:
+        config_from_dict(raw, "x.toml")
+    assert fragment in str(error.value) and str(error.value).startswith("x.toml")
+
+
+def test_overrides_are_typed(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[population]\nsize = 4\n")
+    config = load_config(path, ("population.size=6", "estimator.kind=pes", "population.truncations=[50, 100]"))
+    assert config.population.size == 6 and config.estimator.kind == "pes"
+    assert config.population.truncations == (50, 100)
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("population.sise=3", "population.sise"),
+        ("population.size=-1", "population.size"),
+        ("population.truncations=[0]", "population.truncations"),
+        ("estimator.pairs=1.5", "estimator.pairs"),
+    ],
+)
+def test_cli_rejects_bad_config_with_status_2_and_writes_nothing(tmp_path, override, key):
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            "--config",
+            "configs/smoke.toml",
+            "--checkpoint-dir",
+            str(run_dir),
+            "--set",
+            override,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert key in result.stderr
+    assert not run_dir.exists()

@@ -1,0 +1,83 @@
+"""PBT tournaments: what is copied, how often mutations fire, who may be copied."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from selfloop.lopt import make_lopt
+from selfloop.pbt import COPIED, exploit, explore, tournament
+from selfloop.population import init_population
+
+
+def test_exploit_copies_theta_outer_index_and_outer_state(smoke_config):
+    members = init_population(smoke_config)
+    members[0].outer_index, members[1].outer_index = 3, 2
+    members[0].steps = 17
+    loser_slots = members[1].slots
+    exploit(members, winner=0, loser=1)
+    for a, b in zip(jax.tree_util.tree_leaves(members[1].theta), jax.tree_util.tree_leaves(members[0].theta)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(members[1].outer_state), jax.tree_util.tree_leaves(members[0].outer_state)
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert members[1].outer_index == 3
+    assert members[1].slots is loser_slots  # inner problems stay the loser's own
+    assert set(COPIED) == {"theta", "outer_index", "outer_state"}
+
+
+def test_explore_probabilities(smoke_config):
+    members = init_population(smoke_config)
+    rng = np.random.default_rng(123)
+    draws, outer_hits, k_hits, new_outer = 4000, 0, 0, []
+    truncations = (200, 300, 400, 800)
+    for _ in range(draws):
+        outer, k = explore(rng, members[0], 10, truncations, p_outer=0.5, p_truncation=0.1)
+        outer_hits += outer
+        k_hits += k
+        if outer:
+            new_outer.append(members[0].outer_index)
+        assert members[0].truncation in truncations or not k
+    # Binomial(4000, p): 5 standard deviations either side.
+    assert abs(outer_hits / draws - 0.5) < 5 * np.sqrt(0.25 / draws)
+    assert abs(k_hits / draws - 0.1) < 5 * np.sqrt(0.09 / draws)
+    counts = np.bincount(new_outer, minlength=10)
+    assert counts.min() > 0.6 * len(new_outer) / 10  # uniform over the whole population
+
+
+def test_tournament_loser_takes_winner(smoke_config):
+    config = dataclasses.replace(
+        smoke_config, pbt=dataclasses.replace(smoke_config.pbt, p_outer_redraw=0.0, p_truncation_redraw=0.0)
+    )
+    members = init_population(config)
+    lopt = make_lopt(config.lopt)
+    before = [m.theta for m in members]
+    event = tournament(members, lopt, config, np.random.default_rng(0), event_index=0, round_index=5)
+    assert event is not None and event.winner != event.loser
+    assert event.winner_score <= event.loser_score
+    for a, b in zip(
+        jax.tree_util.tree_leaves(members[event.loser].theta), jax.tree_util.tree_leaves(before[event.winner])
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert not event.outer_redrawn and not event.truncation_redrawn
+
+
+def test_non_finite_member_is_never_copied(smoke_config):
+    members = init_population(smoke_config)
+    lopt = make_lopt(smoke_config.lopt)
+    members[2].theta = jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), members[2].theta)
+    rng = np.random.default_rng(1)
+    for event_index in range(50):
+        event = tournament(members, lopt, smoke_config, rng, event_index, event_index)
+        for i, member in enumerate(members):
+            if i != 2 or event is not None and event.loser == 2:
+                assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(member.theta))
+        if event is not None and 2 in (event.winner, event.loser):
+            # It lost whatever the other scored, and was repaired by the copy.
+            assert event.loser == 2 and np.isinf(event.loser_score)
+            return
+    raise AssertionError("member 2 was never drawn")
