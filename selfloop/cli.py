@@ -31,18 +31,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="run seed (default: run.seed)")
     parser.add_argument("--dashboard", choices=("plain",), help="how progress is shown (default: run.dashboard)")
     parser.add_argument("--fresh", action="store_true", help="start over in a directory that already holds a run")
+    parser.add_argument("--workers", type=int, help="local worker processes, one pinned per core (0: all cores)")
+    parser.add_argument("--scheduler", help="run units on a Dask scheduler, e.g. tcp://HOST:8786")
+    parser.add_argument("--compile-cache", help="persistent JAX compilation cache directory (shared by workers)")
     return parser
 
 
 def _overrides(args: argparse.Namespace) -> tuple[str, ...]:
     extra = list(args.set)
-    for option, key in (
-        ("max_minutes", "run.max_minutes"),
-        ("max_rounds", "run.max_rounds"),
-        ("seed", "run.seed"),
-        ("checkpoint_dir", "run.checkpoint_dir"),
-        ("dashboard", "run.dashboard"),
-    ):
+    if args.scheduler:
+        extra += ["farm.engine='dask'", f"farm.scheduler={args.scheduler!r}"]
+    for option, key in (("max_minutes", "run.max_minutes"), ("max_rounds", "run.max_rounds"),
+                        ("seed", "run.seed"), ("checkpoint_dir", "run.checkpoint_dir"),
+                        ("dashboard", "run.dashboard"), ("workers", "farm.workers"),
+                        ("compile_cache", "farm.compile_cache")):
         value = getattr(args, option)
         if value is not None:
             extra.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
@@ -71,10 +73,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+    from selfloop.worker import configure_jax
+
+    configure_jax(config.farm.compile_cache or None)  # the master compiles outer steps
+
+    from selfloop.farm import make_farm
     from selfloop.report import PlainReporter
     from selfloop.train import Trainer
 
-    trainer = Trainer(config, run_dir, PlainReporter())
-    trainer.prepare()
-    trainer.train(trainer.new_state(), config.run.max_minutes, config.run.max_rounds)
+    farm = make_farm(config.farm, run_dir)
+    try:
+        trainer = Trainer(config, run_dir, PlainReporter(), farm)
+        trainer.prepare()
+        trainer.train(trainer.new_state(), config.run.max_minutes, config.run.max_rounds)
+    finally:
+        farm.close()
     return 0

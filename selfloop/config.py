@@ -134,6 +134,19 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class FarmConfig:
+    # "local": worker processes pinned to this machine's cores; "dask": a Dask
+    # scheduler's workers (several nodes); "inprocess": in the master (tests).
+    engine: str = one_of(("local", "dask", "inprocess"), "local")
+    workers: int = non_negative(0)  # local engine: 0 = one per available core
+    scheduler: str = ""  # dask engine: tcp://HOST:8786
+    max_attempts: int = positive(3)  # a unit is tried this often before it is reported failed
+    # Persistent JAX compilation cache, shared by every worker; on several nodes
+    # put it on the shared filesystem at the same absolute path everywhere.
+    compile_cache: str = "checkpoints/jax_cache"
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = RunConfig()
     population: PopulationConfig = PopulationConfig()
@@ -142,6 +155,7 @@ class Config:
     tasks: TasksConfig = TasksConfig()
     pbt: PBTConfig = PBTConfig()
     eval: EvalConfig = EvalConfig()
+    farm: FarmConfig = FarmConfig()
 
     def validate_consistency(self) -> None:
         """Checks that involve more than one key."""
@@ -152,6 +166,8 @@ class Config:
                 )
         if self.tasks.horizon_max < self.tasks.horizon_min:
             raise ConfigError("tasks.horizon_max: expected >= tasks.horizon_min")
+        if self.farm.engine == "dask" and not self.farm.scheduler:
+            raise ConfigError("farm.scheduler: the dask engine needs an address such as tcp://HOST:8786")
 
 
 def _convert(value: Any, annotation: Any, where: str) -> Any:

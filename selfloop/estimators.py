@@ -37,7 +37,9 @@ class SlotState(NamedTuple):
     """One persistent inner problem of a member, with its ± particles."""
 
     episode: Episode
-    inners: InnerState  # leaves [2P, ...]: + particles first, then − particles
+    # PES: leaves [2P, ...], + particles first, then − particles. ES carries one
+    # state (leaves [1, ...]) that every particle starts each segment from.
+    inners: InnerState
     accumulator: Any  # θ-shaped leaves [P, ...]: PES perturbation sum (zeros for ES)
 
 
@@ -68,7 +70,7 @@ def new_slot(
     state, inner = program.start(spec, episode, horizon)
     return SlotState(
         episode=state,
-        inners=broadcast_batch(inner, 2 * config.pairs),
+        inners=broadcast_batch(inner, _carried_particles(config)),
         accumulator=_zeros_like_batched(theta, config.pairs),
     )
 
@@ -100,9 +102,18 @@ def needs_reset(slot: SlotState) -> bool:
     return int(episode.step) >= int(episode.horizon) or not bool(_all_finite(slot.inners.params))
 
 
+def _carried_particles(config: EstimatorConfig) -> int:
+    return 2 * config.pairs if config.kind == "pes" else 1
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _first_particle_everywhere(inners: InnerState, particles: int) -> InnerState:
+    return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x[0], (particles, *x.shape[1:])), inners)
+
+
 @jax.jit
-def _first_particle_everywhere(inners: InnerState) -> InnerState:
-    return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x[0], x.shape), inners)
+def _first_particle_only(inners: InnerState) -> InnerState:
+    return jax.tree_util.tree_map(lambda x: x[:1], inners)
 
 
 def estimate_gradient(
@@ -125,7 +136,7 @@ def estimate_gradient(
     # Fresh buffers: the unroll donates its inputs, and the caller's slot must
     # stay valid so that a retried unit computes the same result.
     if config.kind == "es":
-        inners = _first_particle_everywhere(slot.inners)
+        inners = _first_particle_everywhere(slot.inners, 2 * config.pairs)
     else:
         inners = jax.tree_util.tree_map(jnp.array, slot.inners)
     episode = slot.episode
@@ -147,5 +158,6 @@ def estimate_gradient(
     else:
         accumulator = slot.accumulator
         gradient = _weighted_mean(eps, coefficients)
+        inners = _first_particle_only(inners)  # the + particle of pair 0 carries on
     new_slot_state = SlotState(episode=episode, inners=inners, accumulator=accumulator)
     return GradientEstimate(gradient, float(meta_loss.mean()), new_slot_state)

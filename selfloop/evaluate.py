@@ -12,14 +12,38 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import jax
 import numpy as np
 
-from selfloop.estimators import as_inner_optimizer
-from selfloop.lopt import LearnedOptimizer
+from selfloop.config import LOptConfig
+from selfloop.curves import CurveUnit, run_curve_unit, stack_thetas
 from selfloop.tasks.base import TaskSpec
 from selfloop.tasks.normalize import normalize_curve
 from selfloop.unroll import learning_curves
+
+
+class EvaluationFailed(RuntimeError):
+    """An evaluation unit failed on the farm after its retries."""
+
+
+def _checked(results: list, what: str) -> list[np.ndarray]:
+    for result in results:
+        if not isinstance(result, np.ndarray):
+            raise EvaluationFailed(f"{what} unit failed: {result}")
+    return results
+
+
+@dataclass(frozen=True)
+class AdamUnit:
+    spec: TaskSpec
+    steps: int
+    chunk: int
+
+
+def run_adam_unit(unit: AdamUnit) -> np.ndarray:
+    """Adam at all 15 rates on one task: float64 [steps + 1, 15]."""
+    from selfloop.baselines import ADAM, learning_rate_batch
+
+    return learning_curves(unit.spec, ADAM, learning_rate_batch(), unit.steps, unit.chunk)
 
 
 @dataclass(frozen=True)
@@ -43,20 +67,17 @@ def _reference_key(specs: tuple[TaskSpec, ...], steps: int) -> str:
 
 
 def adam_reference(
-    specs: tuple[TaskSpec, ...], steps: int, chunk: int, cache_dir: Path | None = None, progress=None
+    specs: tuple[TaskSpec, ...], steps: int, chunk: int, map_fn=map, cache_dir: Path | None = None
 ) -> AdamReference:
     """Adam at every rate on every task; loaded from ``cache_dir`` when computed before."""
-    from selfloop.baselines import ADAM, ADAM_LEARNING_RATES, learning_rate_batch
+    from selfloop.baselines import ADAM_LEARNING_RATES
 
     path = cache_dir / f"adam_reference_{_reference_key(specs, steps)}.npz" if cache_dir else None
     if path is not None and path.exists():
         stored = np.load(path)
         return AdamReference(tuple(stored["learning_rates"]), tuple(stored[f"task{i}"] for i in range(len(specs))))
-    curves = []
-    for i, spec in enumerate(specs):
-        curves.append(learning_curves(spec, ADAM, learning_rate_batch(), steps, chunk))
-        if progress:
-            progress(f"adam reference {i + 1}/{len(specs)} ({spec.family})")
+    units = [AdamUnit(spec, steps, chunk) for spec in specs]
+    curves = _checked(list(map_fn(run_adam_unit, units)), "Adam reference")
     reference = AdamReference(ADAM_LEARNING_RATES, tuple(curves))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,13 +116,14 @@ def adam_summary(reference: AdamReference) -> tuple[np.ndarray, float]:
 
 
 def evaluate_members(
-    lopt: LearnedOptimizer, thetas: list, specs: tuple[TaskSpec, ...], steps: int, chunk: int, reference: AdamReference
+    map_fn, lopt: LOptConfig, thetas: list, specs: tuple[TaskSpec, ...], steps: int, chunk: int,
+    reference: AdamReference,
 ) -> HeldoutResult:
-    """Every member on every held-out task, normalized against Adam."""
-    stacked = jax.tree_util.tree_map(lambda *t: np.stack(t), *thetas)
+    """Every member on every held-out task (one unit per task), normalized against Adam."""
+    stacked = stack_thetas(thetas)
+    units = [CurveUnit(spec, lopt, stacked, steps, chunk) for spec in specs]
     means, finals = [], []
-    for t, spec in enumerate(specs):
-        curves = learning_curves(spec, as_inner_optimizer(lopt), stacked, steps, chunk)
+    for t, curves in enumerate(_checked(list(map_fn(run_curve_unit, units)), "evaluation")):
         normalized = normalized_curves(curves, reference, t)
         means.append(normalized.mean(axis=0))
         finals.append(normalized[-1])

@@ -13,16 +13,13 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-import jax
 import numpy as np
 
 from selfloop.config import Config
-from selfloop.estimators import as_inner_optimizer
-from selfloop.lopt import LearnedOptimizer
+from selfloop.curves import CurveUnit, run_curve_unit, stack_thetas
 from selfloop.population import Member, is_finite_member
 from selfloop.tasks.normalize import ratio_to_initial
 from selfloop.tasks.sampler import sample_training_task
-from selfloop.unroll import learning_curves
 
 
 @dataclass(frozen=True)
@@ -54,12 +51,21 @@ def tournament_tasks(config: Config, event_index: int):
     return [sample_training_task(rng, config.tasks.families) for _ in range(config.pbt.tasks)]
 
 
-def score_members(lopt: LearnedOptimizer, members: list[Member], specs, steps: int, chunk: int) -> np.ndarray:
-    """Mean over tasks and steps of ℓ/ℓ_init (clipped): lower is better."""
-    thetas = jax.tree_util.tree_map(lambda *t: np.stack(t), *[m.theta for m in members])
+class ScoringFailed(RuntimeError):
+    """A tournament's scoring unit failed on the farm; the tournament is skipped."""
+
+
+def score_members(map_fn, config: Config, members: list[Member], specs) -> np.ndarray:
+    """Mean over tasks and steps of ℓ/ℓ_init (clipped): lower is better.
+
+    One unit per task, each training every compared member side by side.
+    """
+    thetas = stack_thetas([m.theta for m in members])
+    units = [CurveUnit(spec, config.lopt, thetas, config.pbt.steps, config.pbt.chunk) for spec in specs]
     per_task = []
-    for spec in specs:
-        curves = learning_curves(spec, as_inner_optimizer(lopt), thetas, steps, chunk)
+    for curves in map_fn(run_curve_unit, units):
+        if not isinstance(curves, np.ndarray):
+            raise ScoringFailed(f"a scoring unit failed: {curves}")
         per_task.append(ratio_to_initial(curves, curves[0:1]).mean(axis=0))
     scores = np.mean(per_task, axis=0)
     finite = np.array([is_finite_member(m) for m in members])
@@ -96,16 +102,19 @@ def explore(
 
 def tournament(
     members: list[Member],
-    lopt: LearnedOptimizer,
+    map_fn,
     config: Config,
     rng: np.random.Generator,
     event_index: int,
     round_index: int,
 ) -> PBTEvent | None:
-    """Run one tournament; ``None`` when neither member may be copied."""
+    """Run one tournament; ``None`` when neither member may be copied.
+
+    ``map_fn(fn, items)`` runs the scoring units (a farm's ``map``).
+    """
     a, b = (int(i) for i in rng.choice(len(members), size=2, replace=False))
     specs = tournament_tasks(config, event_index)
-    scores = score_members(lopt, [members[a], members[b]], specs, config.pbt.steps, config.pbt.chunk)
+    scores = score_members(map_fn, config, [members[a], members[b]], specs)
     if not np.isfinite(scores).any():
         return None
     winner, loser = (a, b) if scores[0] <= scores[1] else (b, a)

@@ -105,7 +105,18 @@ def outer_step_fn(lopt: LearnedOptimizer):
 
 
 def mean_gradient(gradients: list[Any]) -> Any:
-    return jax.tree_util.tree_map(lambda *g: sum(g) / len(g), *gradients)
+    """Average of a member's per-slot meta-gradients (host arrays)."""
+    return jax.tree_util.tree_map(lambda *g: np.mean(np.stack([np.asarray(x) for x in g]), axis=0), *gradients)
+
+
+def _stack(trees: list[Any]) -> Any:
+    return jax.tree_util.tree_map(lambda *x: np.stack([np.asarray(v) for v in x]), *trees)
+
+
+@functools.cache
+def batched_outer_step_fn(lopt: LearnedOptimizer):
+    """``outer_step_fn`` for several members at once (leading axis: member)."""
+    return jax.jit(jax.vmap(outer_step_fn(lopt).__wrapped__, in_axes=(0, 0, 0, 0, None)))
 
 
 def apply_outer_steps(
@@ -115,27 +126,28 @@ def apply_outer_steps(
     max_step_ratio: float,
 ) -> list[OuterStep]:
     """Update every member that has gradients, all from the same snapshot of
-    the population (θ_{o(i)} as it was at the start of the round)."""
-    snapshot = [m.theta for m in members]
-    step = outer_step_fn(lopt)
-    results = []
-    for i, member in enumerate(members):
-        if not gradients.get(i):
-            continue
-        result = step(
-            snapshot[member.outer_index],
-            member.theta,
-            mean_gradient(gradients[i]),
-            member.outer_state,
-            jnp.float32(max_step_ratio),
-        )
-        member.theta, member.outer_state = result.theta, result.state
-        if bool(result.accepted):
-            member.steps += 1
+    the population (θ_{o(i)} as it was at the start of the round), in one call."""
+    updated = [i for i in range(len(members)) if gradients.get(i)]
+    if not updated:
+        return []
+    result = batched_outer_step_fn(lopt)(
+        _stack([members[members[i].outer_index].theta for i in updated]),
+        _stack([members[i].theta for i in updated]),
+        _stack([mean_gradient(gradients[i]) for i in updated]),
+        _stack([members[i].outer_state for i in updated]),
+        jnp.float32(max_step_ratio),
+    )
+    result = jax.device_get(result)  # one transfer; members then hold numpy views
+    steps = []
+    for k, i in enumerate(updated):
+        step = jax.tree_util.tree_map(lambda x, k=k: x[k], result)
+        members[i].theta, members[i].outer_state = step.theta, step.state
+        if bool(step.accepted):
+            members[i].steps += 1
         else:
-            member.rejected_steps += 1
-        results.append(result)
-    return results
+            members[i].rejected_steps += 1
+        steps.append(step)
+    return steps
 
 
 def is_finite_member(member: Member) -> bool:

@@ -1,13 +1,16 @@
 """The master loop: rounds of outer steps, PBT tournaments, held-out evaluation.
 
 One round gives every member one outer step: its units (one per persistent
-inner problem) run from a snapshot of the population, then every member is
-updated by its outer optimizer's lopt. Everything observable leaves through
+inner problem) run on the farm from a snapshot of the population, then every
+member is updated by its outer optimizer's lopt. PBT scoring, held-out
+evaluation and the Adam reference are farm units too, so the master only
+dispatches and applies outer steps. Everything observable leaves through
 ``report(record)`` as a plain dict, also appended to ``events.jsonl``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -15,18 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from selfloop.config import Config, config_to_dict
-from selfloop.evaluate import adam_reference, evaluate_members
+from selfloop.evaluate import EvaluationFailed, adam_reference, evaluate_members
+from selfloop.farm import InProcessFarm, UnitFailure
 from selfloop.lopt import make_lopt
-from selfloop.pbt import tournament
+from selfloop.pbt import ScoringFailed, tournament
 from selfloop.population import Member, apply_outer_steps, context_for, init_population
 from selfloop.tasks.sampler import heldout_tasks
-from selfloop.work import UnitResult, WorkUnit, run_unit
+from selfloop.work import UnitResult, WorkUnit, run_unit, warm_up
 
 Report = Callable[[dict], None]
-MapFn = Callable[[Callable, Iterable], Iterable]
+NAN_EVAL = {"best": float("nan"), "adam_best_fixed": float("nan"), "adam_tuned": float("nan")}
 
 
 @dataclass
@@ -70,20 +75,21 @@ def _due(now: float, last_time: float, seconds: float, round_index: int, last_ro
     return by_time or by_rounds
 
 
+def unit_cost(unit: WorkUnit) -> int:
+    """Relative cost of a unit: inner steps times inner weights (the lopt's work)."""
+    weights = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(unit.state.inners.params))
+    return unit.truncation * weights
+
+
 def make_units(state: RunState) -> list[WorkUnit]:
-    return [
-        WorkUnit(
-            round=state.round,
-            member=i,
-            slot=s,
-            theta=m.theta,
-            spec=slot.spec,
-            state=slot.state,
-            truncation=m.truncation,
-        )
+    """This round's units, costliest first, so no core is left with a long unit at the end."""
+    units = [
+        WorkUnit(round=state.round, member=i, slot=s, theta=m.theta, spec=slot.spec, state=slot.state,
+                 truncation=m.truncation)
         for i, m in enumerate(state.members)
         for s, slot in enumerate(m.slots)
     ]
+    return sorted(units, key=unit_cost, reverse=True)
 
 
 def absorb_results(state: RunState, results: Iterable[UnitResult], pairs: int) -> dict[int, list]:
@@ -102,94 +108,114 @@ def absorb_results(state: RunState, results: Iterable[UnitResult], pairs: int) -
 
 
 class Trainer:
-    """Holds what a run needs: config, lopt, held-out set and its Adam reference."""
+    """Holds what a run needs: config, farm, lopt, held-out set and its Adam reference."""
 
-    def __init__(self, config: Config, run_dir: Path, report: Report, map_fn: MapFn = map):
-        self.config, self.run_dir, self.map_fn = config, run_dir, map_fn
+    def __init__(self, config: Config, run_dir: Path, report: Report, farm=None):
+        self.config, self.run_dir = config, run_dir
+        self.farm = farm if farm is not None else InProcessFarm(config.farm.max_attempts)
         self.log = EventLog(run_dir / "events.jsonl", report)
         self.lopt = make_lopt(config.lopt)
         self.context = context_for(config)
         self.heldout = heldout_tasks(config.eval.tasks, config.tasks.families, config.eval.seed)
         self.reference = None
 
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling so far, in the workers and in the master."""
+        from selfloop.worker import compile_seconds
+
+        if isinstance(self.farm, InProcessFarm):
+            return compile_seconds()  # the master is the worker
+        return self.farm.stats.compile_seconds + compile_seconds()
+
     def prepare(self) -> None:
-        self.log(
-            {"kind": "start", "config": config_to_dict(self.config), "heldout": [s.describe() for s in self.heldout]}
-        )
-        self.reference = adam_reference(
-            self.heldout,
-            self.config.eval.steps,
-            self.config.eval.chunk,
-            self.run_dir,
-            progress=lambda text: self.log({"kind": "progress", "message": text}),
-        )
+        heldout = [s.describe() for s in self.heldout]
+        self.log({"kind": "start", "config": config_to_dict(self.config), "heldout": heldout,
+                  "workers": self.farm.stats.workers})
+        self.log({"kind": "progress", "message": f"compiling training programs on {self.farm.stats.workers} workers"})
+        chunk = self.config.estimator.chunk
+        self.farm.broadcast(functools.partial(warm_up, self.context, chunk))
+        self.log({"kind": "progress", "message": f"Adam reference: {len(heldout)} held-out tasks x 15 rates"})
+        cfg = self.config.eval
+        self.reference = adam_reference(self.heldout, cfg.steps, cfg.chunk, self.farm.map, self.run_dir)
 
     def new_state(self) -> RunState:
         return RunState(
             members=init_population(self.config), pbt_rng=np.random.default_rng([self.config.run.seed, 0xB7])
         )
 
-    def evaluate(self, state: RunState, started: float) -> dict:
+    def evaluate(self, state: RunState, started: float) -> dict | None:
+        """Held-out evaluation of every member; None (and an event) if a unit failed."""
         cfg = self.config.eval
-        result = evaluate_members(
-            self.lopt, [m.theta for m in state.members], self.heldout, cfg.steps, cfg.chunk, self.reference
-        )
+        thetas = [m.theta for m in state.members]
+        try:
+            result = evaluate_members(self.farm.map, self.config.lopt, thetas, self.heldout, cfg.steps, cfg.chunk,
+                                      self.reference)
+        except EvaluationFailed as error:
+            self.log({"kind": "eval_failed", "round": state.round, "error": str(error)[-2000:]})
+            return None
         for member, score in zip(state.members, result.members):
             member.history.append(float(score))
         record = {
-            "kind": "eval",
-            "round": state.round,
-            "elapsed": time.time() - started,
-            "members": result.members,
-            "members_final": result.members_final,
-            "best_member": result.best_member,
-            "best": float(result.members.min()),
-            "adam_fixed": result.adam_fixed,
-            "adam_best_fixed": result.best_fixed_adam,
+            "kind": "eval", "round": state.round, "elapsed": time.time() - started,
+            "members": result.members, "members_final": result.members_final,
+            "best_member": result.best_member, "best": float(result.members.min()),
+            "adam_fixed": result.adam_fixed, "adam_best_fixed": result.best_fixed_adam,
             "adam_tuned": result.adam_tuned,
         }
         self.log(record)
         return record
 
+    def _run_units(self, state: RunState) -> list[UnitResult]:
+        """Every member's units on the farm; failures become events, not losses."""
+        units = make_units(state)
+        outcomes = self.farm.map(functools.partial(run_unit, self.context), units)
+        for failure in (o for o in outcomes if isinstance(o, UnitFailure)):
+            unit = units[failure.index]
+            self.log({"kind": "unit_failed", "round": state.round, "member": unit.member, "slot": unit.slot,
+                      "attempts": failure.attempts, "error": failure.error[-2000:]})
+        return [o for o in outcomes if not isinstance(o, UnitFailure)]
+
     def run_round(self, state: RunState, started: float) -> None:
-        results = list(self.map_fn(lambda unit: run_unit(self.context, unit), make_units(state)))
+        results = self._run_units(state)
         gradients = absorb_results(state, results, self.config.estimator.pairs)
         steps = apply_outer_steps(state.members, gradients, self.lopt, self.config.population.max_step_ratio)
         state.round += 1
-        self.log(
-            {
-                "kind": "round",
-                "round": state.round,
-                "elapsed": time.time() - started,
-                "meta_loss": [m.meta_loss for m in state.members],
-                "outer_index": [m.outer_index for m in state.members],
-                "truncation": [m.truncation for m in state.members],
-                "rejected": int(sum(not bool(s.accepted) for s in steps)),
-                "shortened": int(sum(bool(s.shortened) for s in steps)),
-                "replaced_tasks": int(sum(r.replaced for r in results)),
-                "inner_steps": state.inner_steps,
-            }
-        )
+        self.log({
+            "kind": "round", "round": state.round, "elapsed": time.time() - started,
+            "meta_loss": [m.meta_loss for m in state.members],
+            "outer_index": [m.outer_index for m in state.members],
+            "truncation": [m.truncation for m in state.members],
+            "rejected": int(sum(not bool(s.accepted) for s in steps)),
+            "shortened": int(sum(bool(s.shortened) for s in steps)),
+            "replaced_tasks": int(sum(r.replaced for r in results)),
+            "failed_units": len(state.members) * self.config.population.tasks_per_member - len(results),
+            "inner_steps": state.inner_steps,
+            "worker_restarts": self.farm.stats.restarts,
+            "compile_seconds": self.compile_seconds(),
+        })
 
     def maybe_pbt(self, state: RunState, started: float) -> None:
-        cfg, now = self.config.pbt, time.time()
-        if not _due(
-            now, state.last_pbt_time, cfg.interval_seconds, state.round, state.last_pbt_round, cfg.interval_rounds
-        ):
+        cfg = self.config.pbt
+        if not _due(time.time(), state.last_pbt_time, cfg.interval_seconds, state.round, state.last_pbt_round,
+                    cfg.interval_rounds):
             return
-        event = tournament(state.members, self.lopt, self.config, state.pbt_rng, state.pbt_events, state.round)
+        try:
+            event = tournament(state.members, self.farm.map, self.config, state.pbt_rng, state.pbt_events,
+                               state.round)
+            reason = "no finite member in the pair"
+        except ScoringFailed as error:
+            event, reason = None, str(error)[-2000:]
         state.pbt_events += 1
         state.last_pbt_time, state.last_pbt_round = time.time(), state.round
         if event is None:
-            self.log({"kind": "pbt_skipped", "round": state.round, "reason": "no finite member in the pair"})
+            self.log({"kind": "pbt_skipped", "round": state.round, "reason": reason})
         else:
             self.log({**event.as_record(), "elapsed": time.time() - started})
 
     def maybe_evaluate(self, state: RunState, started: float) -> None:
-        cfg, now = self.config.eval, time.time()
-        if _due(
-            now, state.last_eval_time, cfg.interval_seconds, state.round, state.last_eval_round, cfg.interval_rounds
-        ):
+        cfg = self.config.eval
+        if _due(time.time(), state.last_eval_time, cfg.interval_seconds, state.round, state.last_eval_round,
+                cfg.interval_rounds):
             self.evaluate(state, started)
             state.last_eval_time, state.last_eval_round = time.time(), state.round
 
@@ -200,7 +226,7 @@ class Trainer:
         the Adam reference (``prepare``) is computed before and cached on disk.
         """
         started = time.time()
-        first = self.evaluate(state, started)
+        first = self.evaluate(state, started) or NAN_EVAL
         state.last_pbt_time = state.last_eval_time = time.time()
         while True:
             self.run_round(state, started)
@@ -210,16 +236,8 @@ class Trainer:
             if out_of_time or out_of_rounds:
                 break
             self.maybe_evaluate(state, started)
-        last = self.evaluate(state, started)
-        self.log(
-            {
-                "kind": "end",
-                "round": state.round,
-                "elapsed": time.time() - started,
-                "start_best": first["best"],
-                "end_best": last["best"],
-                "adam_best_fixed": last["adam_best_fixed"],
-                "adam_tuned": last["adam_tuned"],
-            }
-        )
+        last = self.evaluate(state, started) or NAN_EVAL
+        self.log({"kind": "end", "round": state.round, "elapsed": time.time() - started,
+                  "start_best": first["best"], "end_best": last["best"],
+                  "adam_best_fixed": last["adam_best_fixed"], "adam_tuned": last["adam_tuned"]})
         return last

@@ -108,3 +108,25 @@ def run_unit(context: UnitContext, unit: WorkUnit) -> UnitResult:
         state=estimate.slot,
         replaced=replaced,
     )
+
+
+def warm_up(context: UnitContext, truncation: int) -> int:
+    """Compile every training program of ``context`` in this process (one
+    segment of each family bucket); returns how many buckets were warmed."""
+    from selfloop.tasks import TASK_FAMILIES
+
+    lopt = make_lopt(context.lopt)
+    theta = lopt.init_theta(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    count = 0
+    for name in context.tasks.families:
+        family = TASK_FAMILIES[name]
+        for bucket in range(len(family.buckets)):
+            spec = sample_training_task(rng, (name,))
+            spec = TaskSpec(name, bucket, spec.seed, spec.dynamic)
+            state = new_slot(lopt, spec, theta, context.estimator, context.horizon)
+            needs_reset(state)
+            estimate_gradient(lopt, theta, spec, state, truncation, context.estimator, context.horizon,
+                              jax.random.PRNGKey(1))
+            count += 1
+    return count

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from selfloop.lopt import make_lopt
+from selfloop.farm import InProcessFarm
 from selfloop.pbt import COPIED, exploit, explore, tournament
 from selfloop.population import init_population
 
@@ -54,9 +54,8 @@ def test_tournament_loser_takes_winner(smoke_config):
         smoke_config, pbt=dataclasses.replace(smoke_config.pbt, p_outer_redraw=0.0, p_truncation_redraw=0.0)
     )
     members = init_population(config)
-    lopt = make_lopt(config.lopt)
     before = [m.theta for m in members]
-    event = tournament(members, lopt, config, np.random.default_rng(0), event_index=0, round_index=5)
+    event = tournament(members, InProcessFarm().map, config, np.random.default_rng(0), event_index=0, round_index=5)
     assert event is not None and event.winner != event.loser
     assert event.winner_score <= event.loser_score
     for a, b in zip(
@@ -68,11 +67,10 @@ def test_tournament_loser_takes_winner(smoke_config):
 
 def test_non_finite_member_is_never_copied(smoke_config):
     members = init_population(smoke_config)
-    lopt = make_lopt(smoke_config.lopt)
     members[2].theta = jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), members[2].theta)
     rng = np.random.default_rng(1)
     for event_index in range(50):
-        event = tournament(members, lopt, smoke_config, rng, event_index, event_index)
+        event = tournament(members, InProcessFarm().map, smoke_config, rng, event_index, event_index)
         for i, member in enumerate(members):
             if i != 2 or event is not None and event.loser == 2:
                 assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(member.theta))

@@ -137,52 +137,51 @@ class Toy2DClassification:
         return softmax_cross_entropy(logits, consts["y"][idx])
 
 
-class DigitsMLP:
+class _DigitsNetwork:
+    """An MLP on the 8x8 digits; subclasses choose the output and the loss."""
+
+    outputs: int
+
+    def sample_dynamic(self, rng, bucket):
+        return _network_dynamic(rng)
+
+    def dataset(self, bucket):
+        return datasets.digits()
+
+    def make_consts(self, bucket, dyn, data, key):
+        return {}
+
+    def init_params(self, bucket, dyn, consts, key):
+        return init_mlp(key, (64, *bucket.hidden, self.outputs), dyn["param_scale"])
+
+    def _forward(self, bucket, dyn, data, params, key):
+        """(network output, images, labels) on the minibatch ``key`` selects."""
+        idx = minibatch(key, data["images"].shape[0], bucket.batch)
+        images = data["images"][idx]
+        return apply_mlp(params, images, dyn["activation"], dyn["param_scale"]), images, data["labels"][idx]
+
+
+class DigitsMLP(_DigitsNetwork):
     """Classify the real 8x8 handwritten digits with an MLP."""
 
     name = "digits_mlp"
     buckets = (MLPBucket(hidden=(32,), batch=32), MLPBucket(hidden=(16, 16), batch=64))
-
-    def sample_dynamic(self, rng, bucket):
-        return _network_dynamic(rng)
-
-    def dataset(self, bucket):
-        return datasets.digits()
-
-    def make_consts(self, bucket, dyn, data, key):
-        return {}
-
-    def init_params(self, bucket, dyn, consts, key):
-        return init_mlp(key, (64, *bucket.hidden, 10), dyn["param_scale"])
+    outputs = 10
 
     def loss(self, bucket, dyn, data, consts, params, key):
-        idx = minibatch(key, data["images"].shape[0], bucket.batch)
-        logits = apply_mlp(params, data["images"][idx], dyn["activation"], dyn["param_scale"])
-        return softmax_cross_entropy(logits, data["labels"][idx])
+        logits, _, labels = self._forward(bucket, dyn, data, params, key)
+        return softmax_cross_entropy(logits, labels)
 
 
-class DigitsAutoencoder:
+class DigitsAutoencoder(_DigitsNetwork):
     """Reconstruct 8x8 digits through a narrow MLP bottleneck."""
 
     name = "digits_ae"
     buckets = (MLPBucket(hidden=(16,), batch=32),)
-
-    def sample_dynamic(self, rng, bucket):
-        return _network_dynamic(rng)
-
-    def dataset(self, bucket):
-        return datasets.digits()
-
-    def make_consts(self, bucket, dyn, data, key):
-        return {}
-
-    def init_params(self, bucket, dyn, consts, key):
-        return init_mlp(key, (64, *bucket.hidden, 64), dyn["param_scale"])
+    outputs = 64
 
     def loss(self, bucket, dyn, data, consts, params, key):
-        idx = minibatch(key, data["images"].shape[0], bucket.batch)
-        images = data["images"][idx]
-        reconstruction = apply_mlp(params, images, dyn["activation"], dyn["param_scale"])
+        reconstruction, images, _ = self._forward(bucket, dyn, data, params, key)
         return jnp.mean((reconstruction - images) ** 2)
 
 

@@ -127,17 +127,30 @@ def _conditioned_design(key, bucket, log10_cond):
     return (z * scales) @ random_rotation(k_rot, bucket.dim)
 
 
-class LinearRegression:
-    """Minibatch least squares with controlled conditioning and label noise."""
+class _LinearModel:
+    """A linear model w·x + b on a conditioned design; subclasses pick the targets and loss."""
 
-    name = "linreg"
     buckets = (RegressionBucket(examples=512, dim=32, batch=32),)
-
-    def sample_dynamic(self, rng, bucket):
-        return {"log10_cond": float(rng.uniform(0.0, 3.0)), "noise": float(rng.uniform(0.0, 0.5))}
 
     def dataset(self, bucket):
         return {}
+
+    def init_params(self, bucket, dyn, consts, key):
+        return {"w": jnp.zeros((bucket.dim,)), "b": jnp.zeros(())}
+
+    def _predict(self, bucket, consts, params, key):
+        """(predictions, targets) on the minibatch ``key`` selects."""
+        idx = minibatch(key, bucket.examples, bucket.batch)
+        return consts["x"][idx] @ params["w"] + params["b"], consts["y"][idx]
+
+
+class LinearRegression(_LinearModel):
+    """Minibatch least squares with controlled conditioning and label noise."""
+
+    name = "linreg"
+
+    def sample_dynamic(self, rng, bucket):
+        return {"log10_cond": float(rng.uniform(0.0, 3.0)), "noise": float(rng.uniform(0.0, 0.5))}
 
     def make_consts(self, bucket, dyn, data, key):
         k_x, k_w, k_n = jax.random.split(key, 3)
@@ -146,26 +159,18 @@ class LinearRegression:
         y = x @ w + dyn["noise"] * jax.random.normal(k_n, (bucket.examples,))
         return {"x": x, "y": y}
 
-    def init_params(self, bucket, dyn, consts, key):
-        return {"w": jnp.zeros((bucket.dim,)), "b": jnp.zeros(())}
-
     def loss(self, bucket, dyn, data, consts, params, key):
-        idx = minibatch(key, bucket.examples, bucket.batch)
-        residual = consts["x"][idx] @ params["w"] + params["b"] - consts["y"][idx]
-        return jnp.mean(residual * residual)
+        prediction, target = self._predict(bucket, consts, params, key)
+        return jnp.mean((prediction - target) ** 2)
 
 
-class LogisticRegression:
+class LogisticRegression(_LinearModel):
     """Minibatch binary logistic regression with controlled conditioning."""
 
     name = "logreg"
-    buckets = (RegressionBucket(examples=512, dim=32, batch=32),)
 
     def sample_dynamic(self, rng, bucket):
         return {"log10_cond": float(rng.uniform(0.0, 3.0)), "flip": float(rng.uniform(0.0, 0.1))}
-
-    def dataset(self, bucket):
-        return {}
 
     def make_consts(self, bucket, dyn, data, key):
         k_x, k_w, k_f = jax.random.split(key, 3)
@@ -175,11 +180,6 @@ class LogisticRegression:
         flipped = jax.random.uniform(k_f, (bucket.examples,)) < dyn["flip"]
         return {"x": x, "y": jnp.where(flipped, 1.0 - clean, clean)}
 
-    def init_params(self, bucket, dyn, consts, key):
-        return {"w": jnp.zeros((bucket.dim,)), "b": jnp.zeros(())}
-
     def loss(self, bucket, dyn, data, consts, params, key):
-        idx = minibatch(key, bucket.examples, bucket.batch)
-        logits = consts["x"][idx] @ params["w"] + params["b"]
-        labels = consts["y"][idx]
+        logits, labels = self._predict(bucket, consts, params, key)
         return jnp.mean(jnp.logaddexp(0.0, logits) - labels * logits)

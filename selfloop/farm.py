@@ -1,0 +1,282 @@
+"""Executors for work units: in the master, on pinned local processes, or on Dask.
+
+Every engine offers ``map(fn, items) -> list`` in item order, where a unit
+that kept failing comes back as a ``UnitFailure`` instead of a result: it is
+reported, never silently lost, and the run goes on.
+
+The local engine spawns one worker per core (``spawn``: a fork after JAX
+started hangs), each pinned to its own core before its first JAX operation
+(``selfloop.worker``). Dispatch is dynamic, so no core idles while units wait.
+A worker that dies (killed, out of memory) is noticed through its process
+sentinel, replaced on the same core, and its unit retried up to a cap. Each
+worker talks to the master over its own pipe, so one dying mid-message cannot
+wedge a shared queue.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import multiprocessing.connection
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import cloudpickle
+
+from selfloop.worker import compile_seconds, prepare_process, to_host, worker_main
+
+
+class UnitFailure(NamedTuple):
+    """A unit that failed ``attempts`` times; ``error`` is the last traceback."""
+
+    index: int
+    error: str
+    attempts: int
+
+
+@dataclass
+class FarmStats:
+    workers: int
+    restarts: int = 0  # worker processes replaced after dying
+    retries: int = 0  # unit attempts repeated
+    failures: int = 0  # units given up on
+    in_flight: int = 0
+    compile_seconds: float = 0.0  # summed over the workers, replaced ones included
+
+
+class InProcessFarm:
+    """Runs units in the master, one after another (tests, tiny configs)."""
+
+    def __init__(self, max_attempts: int = 2):
+        self.max_attempts = max_attempts
+        self.stats = FarmStats(workers=1)
+
+    def map(self, fn: Callable, items: list) -> list:
+        results = []
+        for index, item in enumerate(items):
+            for attempt in range(1, self.max_attempts + 1):
+                try:
+                    results.append(fn(item))
+                    break
+                except Exception as error:  # noqa: BLE001 - retried, then reported
+                    if attempt == self.max_attempts:
+                        self.stats.failures += 1
+                        results.append(UnitFailure(index, repr(error), attempt))
+                    else:
+                        self.stats.retries += 1
+        self.stats.compile_seconds = compile_seconds()
+        return results
+
+    def broadcast(self, fn: Callable) -> list:
+        """Run ``fn()`` once in every worker (here: once)."""
+        return [fn()]
+
+    def close(self) -> None:
+        pass
+
+
+class _Worker:
+    def __init__(self, context, slot: int, core: int | None, cache_root: str | None, log_dir: Path | None):
+        self.slot, self.core = slot, core
+        self.conn, child = context.Pipe(duplex=True)
+        log_path = str(log_dir / f"worker-{slot}.log") if log_dir else None
+        self.process = context.Process(
+            target=worker_main, args=(core, cache_root, log_path, child),
+            name=f"selfloop-worker-{slot}", daemon=True,
+        )
+        self.process.start()
+        child.close()
+        self.task: tuple[int, int] | None = None  # (item index, attempt)
+        self.affinity: list[int] | None = None
+        self.compile_seconds = 0.0
+        self.pid = self.process.pid
+
+
+class LocalFarm:
+    """A pool of spawned worker processes, each pinned to its own core."""
+
+    def __init__(self, workers: int = 0, cache_root: str | None = None, log_dir: str | Path | None = None,
+                 max_attempts: int = 3, cores: list[int] | None = None):
+        self.cores = cores or sorted(os.sched_getaffinity(0))
+        count = workers or len(self.cores)
+        self.cache_root, self.max_attempts = cache_root, max_attempts
+        self.log_dir = Path(log_dir) if log_dir else None
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._context = multiprocessing.get_context("spawn")
+        self.workers = [self._spawn(slot) for slot in range(count)]
+        self.stats = FarmStats(workers=count)
+        self._retired_compile_seconds = 0.0
+
+    def _spawn(self, slot: int) -> _Worker:
+        core = self.cores[slot % len(self.cores)]
+        return _Worker(self._context, slot, core, self.cache_root, self.log_dir)
+
+    def wait_ready(self, timeout: float = 120.0) -> list[list[int]]:
+        """Block until every worker reported in; returns each one's CPU affinity."""
+        deadline = time.monotonic() + timeout
+        while any(w.affinity is None for w in self.workers):
+            if time.monotonic() > deadline:
+                raise TimeoutError("workers did not start in time")
+            for worker in self.workers:
+                if worker.affinity is None and worker.conn.poll(0.05):
+                    self._receive(worker, None, None)
+        return [w.affinity for w in self.workers]
+
+    def _receive(self, worker: _Worker, results: list | None, pending) -> None:
+        message = worker.conn.recv()
+        if message[0] == "ready":
+            worker.affinity = message[2]
+            return
+        task_id, ok, payload, worker.compile_seconds = message
+        self._update_compile_seconds()
+        if worker.task != task_id or results is None:
+            return  # a stale answer from an attempt already given up on
+        worker.task = None
+        index, attempt = task_id
+        if ok:
+            results[index] = cloudpickle.loads(payload)
+        else:
+            self._retry_or_fail(index, attempt, payload, results, pending)
+
+    def _update_compile_seconds(self) -> None:
+        self.stats.compile_seconds = self._retired_compile_seconds + sum(w.compile_seconds for w in self.workers)
+
+    def _retry_or_fail(self, index: int, attempt: int, error: str, results: list, pending) -> None:
+        if attempt < self.max_attempts:
+            self.stats.retries += 1
+            pending.appendleft((index, attempt + 1))
+        else:
+            self.stats.failures += 1
+            results[index] = UnitFailure(index, error, attempt)
+
+    def _replace_dead(self, worker: _Worker, results: list, pending) -> None:
+        code = worker.process.exitcode
+        worker.conn.close()
+        self.stats.restarts += 1
+        self._retired_compile_seconds += worker.compile_seconds
+        if worker.task is not None:
+            index, attempt = worker.task
+            self._retry_or_fail(index, attempt, f"worker {worker.pid} died (exit code {code})", results, pending)
+        self.workers[worker.slot] = self._spawn(worker.slot)
+
+    def broadcast(self, fn: Callable) -> list:
+        """Run ``fn()`` once on every worker, all at once; returns each result."""
+        payload = cloudpickle.dumps((_call, fn))
+        for worker in self.workers:
+            worker.conn.send((("broadcast", worker.slot), payload))
+        results = []
+        for worker in self.workers:
+            message = worker.conn.recv()
+            while message[0] == "ready":
+                worker.affinity = message[2]
+                message = worker.conn.recv()
+            _, ok, body, worker.compile_seconds = message
+            self._update_compile_seconds()
+            if not ok:
+                raise RuntimeError(f"worker {worker.pid} failed: {body}")
+            results.append(cloudpickle.loads(body))
+        return results
+
+    def map(self, fn: Callable, items: list) -> list:
+        results: list[Any] = [None] * len(items)
+        pending = collections.deque((i, 1) for i in range(len(items)))
+        done = 0
+        while done < len(items):
+            for worker in self.workers:
+                if worker.task is None and pending:
+                    worker.task = pending.popleft()
+                    try:
+                        # Pickled at dispatch: the first workers start at once.
+                        worker.conn.send((worker.task, cloudpickle.dumps((fn, items[worker.task[0]]))))
+                    except (BrokenPipeError, OSError):
+                        pass  # its sentinel fires below and the unit is retried
+            self.stats.in_flight = sum(w.task is not None for w in self.workers)
+            by_handle = {}
+            for worker in self.workers:
+                by_handle[worker.conn] = worker
+                by_handle[worker.process.sentinel] = worker
+            for handle in multiprocessing.connection.wait(list(by_handle), timeout=1.0):
+                worker = by_handle[handle]
+                if self.workers[worker.slot] is not worker:
+                    continue  # already replaced in this pass
+                if handle is worker.conn:
+                    try:
+                        while worker.conn.poll():
+                            self._receive(worker, results, pending)
+                    except (EOFError, OSError):
+                        pass  # dying: the sentinel handles it
+                if not worker.process.is_alive():
+                    self._replace_dead(worker, results, pending)
+            done = sum(r is not None for r in results)
+        self.stats.in_flight = 0
+        return results
+
+    def close(self) -> None:
+        for worker in self.workers:
+            try:
+                worker.conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for worker in self.workers:
+            worker.process.join(timeout=5)
+            if worker.process.is_alive():
+                worker.process.terminate()
+
+
+def _call(fn: Callable) -> Any:
+    return fn()
+
+
+def _dask_call(fn: Callable, item: Any, cache_root: str | None) -> Any:
+    prepare_process(None, cache_root, None)
+    return to_host(fn(item))
+
+
+class DaskFarm:
+    """The same units on a Dask distributed cluster (``dask worker --nthreads 1``)."""
+
+    def __init__(self, address_or_cluster: Any, cache_root: str | None = None, max_attempts: int = 3):
+        from distributed import Client
+
+        self.client = Client(address_or_cluster)
+        self.cache_root, self.max_attempts = cache_root, max_attempts
+        self.stats = FarmStats(workers=len(self.client.scheduler_info()["workers"]))
+
+    def map(self, fn: Callable, items: list) -> list:
+        futures = [
+            self.client.submit(_dask_call, fn, item, self.cache_root, pure=False, retries=self.max_attempts - 1)
+            for item in items
+        ]
+        results = []
+        for index, future in enumerate(futures):
+            try:
+                results.append(future.result())
+            except Exception as error:  # noqa: BLE001 - reported as a failed unit
+                self.stats.failures += 1
+                results.append(UnitFailure(index, repr(error), self.max_attempts))
+        return results
+
+    def broadcast(self, fn: Callable) -> list:
+        """Run ``fn()`` once on every Dask worker."""
+        cache_root = self.cache_root
+        return list(self.client.run(lambda: _dask_call(_call, fn, cache_root)).values())
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def make_farm(config, run_dir: Path):
+    """The engine ``config`` (a ``FarmConfig``) names, started and ready."""
+    cache = config.compile_cache or None
+    if config.engine == "inprocess":
+        return InProcessFarm(config.max_attempts)
+    if config.engine == "dask":
+        return DaskFarm(config.scheduler, cache, config.max_attempts)
+    farm = LocalFarm(config.workers, cache, run_dir / "workers", config.max_attempts)
+    farm.wait_ready()
+    return farm

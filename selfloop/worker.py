@@ -1,0 +1,122 @@
+"""Worker-process bootstrap. Imports no JAX at module level, on purpose.
+
+Measured on jax 0.10 (DESIGN §5): thread limits through XLA_FLAGS do not hold,
+and pinning after JAX started has no effect. What works: set the environment,
+``os.sched_setaffinity(0, {core})``, configure the persistent compilation
+cache, and only then run the first JAX operation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import traceback
+from importlib import metadata
+from pathlib import Path
+
+_READY = False
+_COMPILE_SECONDS = [0.0]  # this process's time in tracing, lowering and compiling (or cache loads)
+
+
+def _count_compile_time(event: str, duration: float, **_kwargs) -> None:
+    if event.startswith("/jax/core/compile/"):
+        _COMPILE_SECONDS[0] += duration
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent turning Python into executables."""
+    return _COMPILE_SECONDS[0]
+
+
+def cpu_model() -> str:
+    """The CPU model name (compiled code is only valid for matching CPU features)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def compile_cache_dir(root: str | Path) -> Path:
+    """``root/jaxlib-<version>-<cpu hash>``: the persistent cache is only valid
+    for one jaxlib build on one CPU model, so each pair gets its own folder."""
+    try:
+        version = metadata.version("jaxlib")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    cpu = hashlib.sha256(cpu_model().encode()).hexdigest()[:10]
+    return Path(root) / f"jaxlib-{version}-{cpu}"
+
+
+def configure_jax(cache_root: str | None) -> None:
+    """Persistent compilation cache and the compile clock; call before the first JAX operation."""
+    import jax
+
+    jax.monitoring.register_event_duration_secs_listener(_count_compile_time)
+    if cache_root:
+        path = compile_cache_dir(cache_root)
+        path.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        # Several processes (and nodes) share the directory: keep only the
+        # executable cache, whose entries are written whole (DESIGN §5).
+        jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
+
+
+def prepare_process(core: int | None, cache_root: str | None, log_path: str | None) -> None:
+    """Pin, redirect output and configure JAX, in that order; once per process."""
+    global _READY
+    if _READY:
+        return
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+    if log_path:
+        # Worker output (Python, XLA's C++ logging) goes to its own file, never
+        # to the master's terminal.
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+        sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+    configure_jax(cache_root)
+    _READY = True
+
+
+def to_host(value):
+    """``value`` with every JAX array, also inside dataclasses, as numpy."""
+    import dataclasses
+
+    import jax
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: to_host(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return dataclasses.replace(value, **changes)
+    return jax.device_get(value)
+
+
+def worker_main(core: int | None, cache_root: str | None, log_path: str | None, conn) -> None:
+    """Serve one pipe: receive (task id, cloudpickled (fn, item)) or None to stop,
+    answer (task id, ok, cloudpickled result or traceback, compile seconds so far)."""
+    prepare_process(core, cache_root, log_path)
+    import cloudpickle
+
+    conn.send(("ready", os.getpid(), sorted(os.sched_getaffinity(0))))
+    while True:
+        message = conn.recv()
+        if message is None:
+            return
+        task_id, payload = message
+        try:
+            fn, item = cloudpickle.loads(payload)
+            # Plain numpy on the way back: the master unpickles nothing of JAX's.
+            outcome = (task_id, True, cloudpickle.dumps(to_host(fn(item))))
+        except Exception:  # noqa: BLE001 - reported to the master, which decides
+            outcome = (task_id, False, traceback.format_exc())
+        conn.send((*outcome, compile_seconds()))

@@ -1,0 +1,113 @@
+"""The farm: pinned workers, a killed worker replaced, failures reported, Dask equal to local."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from selfloop.farm import InProcessFarm, LocalFarm, UnitFailure
+from selfloop.population import context_for, init_population
+from selfloop.train import RunState, Trainer, make_units
+from selfloop.work import run_unit
+
+
+def _affinity(_item):
+    return sorted(os.sched_getaffinity(0))
+
+
+def _die_once(marker: str, fn, item):
+    """Kill this worker process (SIGKILL, as the OOM killer would) the first time."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))  # atomic: exactly one worker dies
+    except FileExistsError:
+        return fn(item)
+    os.kill(os.getpid(), signal.SIGKILL)
+    return fn(item)
+
+
+def _fail_for_member(member: int, fn, unit):
+    if unit.member == member:
+        raise RuntimeError(f"unit of member {member} always fails")
+    return fn(unit)
+
+
+@pytest.fixture(scope="module")
+def local_farm(tmp_path_factory):
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores")
+    farm = LocalFarm(workers=2, log_dir=tmp_path_factory.mktemp("workers"), max_attempts=2)
+    farm.wait_ready()
+    yield farm
+    farm.close()
+
+
+def test_each_worker_pinned_to_its_own_core(local_farm):
+    affinities = local_farm.wait_ready()
+    assert all(len(a) == 1 for a in affinities)
+    assert len({a[0] for a in affinities}) == 2
+    seen = {tuple(a) for a in local_farm.map(_affinity, list(range(8)))}
+    assert seen <= {tuple(a) for a in affinities} and all(len(a) == 1 for a in seen)
+
+
+def test_killed_worker_is_replaced_and_every_member_advances(local_farm, smoke_config, tmp_path):
+    trainer = Trainer(smoke_config, tmp_path, report=lambda record: None, farm=local_farm)
+    state = trainer.new_state()
+    marker = str(tmp_path / "killed")
+    restarts = local_farm.stats.restarts
+    real_map = local_farm.map
+    local_farm.map = lambda fn, items: real_map(functools.partial(_die_once, marker, fn), items)
+    try:
+        trainer.run_round(state, 0.0)
+        trainer.run_round(state, 0.0)
+    finally:
+        local_farm.map = real_map
+    assert os.path.exists(marker)  # a worker really died mid-unit
+    assert local_farm.stats.restarts == restarts + 1
+    assert all(m.steps == 2 for m in state.members)
+
+
+def test_unit_that_keeps_failing_is_reported_and_skipped(smoke_config, tmp_path):
+    records = []
+    farm = InProcessFarm(max_attempts=2)
+    trainer = Trainer(smoke_config, tmp_path, report=records.append, farm=farm)
+    state = trainer.new_state()
+    real_map = farm.map
+    farm.map = lambda fn, items: real_map(functools.partial(_fail_for_member, 1, fn), items)
+    trainer.run_round(state, 0.0)
+    failed = [r for r in records if r["kind"] == "unit_failed"]
+    assert len(failed) == smoke_config.population.tasks_per_member and failed[0]["member"] == 1
+    assert failed[0]["attempts"] == 2 and "always fails" in failed[0]["error"]
+    assert state.members[1].steps == 0
+    assert all(m.steps == 1 for i, m in enumerate(state.members) if i != 1)
+    assert records[-1]["kind"] == "round" and records[-1]["failed_units"] == len(failed)
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(tree)])
+
+
+def test_dask_local_cluster_gives_the_local_pool_result(local_farm, smoke_config):
+    distributed = pytest.importorskip("distributed")
+    from selfloop.farm import DaskFarm
+
+    state = RunState(members=init_population(smoke_config))
+    units = make_units(state)
+    fn = functools.partial(run_unit, context_for(smoke_config))
+    local = local_farm.map(fn, units)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        farm = DaskFarm(cluster)
+        try:
+            remote = farm.map(fn, units)
+        finally:
+            farm.close()
+    for a, b in zip(local, remote):
+        assert not isinstance(a, UnitFailure) and not isinstance(b, UnitFailure)
+        np.testing.assert_array_equal(_flat(a.gradient), _flat(b.gradient))
+        np.testing.assert_array_equal(_flat(a.state), _flat(b.state))
+        assert a.meta_loss == b.meta_loss
