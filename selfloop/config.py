@@ -134,6 +134,18 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class GuardConfig:
+    # Roll a diverging member back to its best snapshot (selfloop/guard.py).
+    rollback: bool = True
+    smoothing: float = probability(0.1)  # EMA weight of the newest round's meta-loss
+    # Diverged: smoothed meta-loss above 1 + margin, i.e. its inner problems end
+    # worse than they started. Absolute, because a member's meta-loss also moves
+    # with how hard its current tasks are (0.005 on some, 0.8 on others).
+    margin: float = non_negative(0.05)
+    min_gain: float = probability(0.2)  # act only once the best smoothed meta-loss is this far below 1.0
+
+
+@dataclass(frozen=True)
 class FarmConfig:
     # "local": worker processes pinned to this machine's cores; "dask": a Dask
     # scheduler's workers (several nodes); "inprocess": in the master (tests).
@@ -156,6 +168,7 @@ class Config:
     pbt: PBTConfig = PBTConfig()
     eval: EvalConfig = EvalConfig()
     farm: FarmConfig = FarmConfig()
+    guard: GuardConfig = GuardConfig()
 
     def validate_consistency(self) -> None:
         """Checks that involve more than one key."""
@@ -182,6 +195,8 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
     if annotation is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if annotation is str and isinstance(value, str):
+        return value
+    if annotation is bool and isinstance(value, bool):
         return value
     raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r} ({type(value).__name__})")
 

@@ -10,6 +10,7 @@ copied. The held-out evaluation set is never used here.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass
 
@@ -80,6 +81,7 @@ def exploit(members: list[Member], winner: int, loser: int) -> None:
     target.outer_state = source.outer_state
     target.steps = source.steps
     target.last_exploit_step = source.steps
+    target.guard = dataclasses.replace(source.guard)  # the lineage's history comes along
 
 
 def explore(

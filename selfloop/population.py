@@ -20,6 +20,7 @@ import numpy as np
 
 from selfloop.config import Config
 from selfloop.estimators import SlotState
+from selfloop.guard import GuardState
 from selfloop.lopt import LearnedOptimizer, make_lopt
 from selfloop.lopt.base import tree_all_finite, tree_l2_norm
 from selfloop.tasks.base import TaskSpec
@@ -45,6 +46,7 @@ class Member:
     last_event: str = "init"
     rejected_steps: int = 0
     history: list[float] = field(default_factory=list)  # held-out scores
+    guard: GuardState = field(default_factory=GuardState)
 
 
 class OuterStep(NamedTuple):

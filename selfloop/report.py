@@ -37,6 +37,16 @@ def format_record(record: dict) -> str | None:
             f"m{record['loser']} ({record['loser_score']:.3f}): copied {', '.join(record['copied'])}"
             + (f"; {'; '.join(changes)}" if changes else "")
         )
+    if kind == "rollback":
+        return (
+            f"guard round {record['round']:5d}  m{record['member']} diverged (smoothed meta-loss {record['ema']:.3f}, "
+            f"best {record['best_ema']:.3f}): rolled back to its best snapshot, now trained by m{record['outer_index']}"
+        )
+    if kind == "unit_failed":
+        return (
+            f"farm  round {record['round']:5d}  unit m{record['member']}/slot {record['slot']} failed "
+            f"after {record['attempts']} attempts"
+        )
     if kind == "pbt_skipped":
         return f"pbt   round {record['round']:5d}  skipped: {record['reason']}"
     if kind == "eval":

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from selfloop import guard
 from selfloop.config import Config, config_to_dict
 from selfloop.evaluate import EvaluationFailed, adam_reference, evaluate_members
 from selfloop.farm import InProcessFarm, UnitFailure
@@ -175,9 +176,29 @@ class Trainer:
                       "attempts": failure.attempts, "error": failure.error[-2000:]})
         return [o for o in outcomes if not isinstance(o, UnitFailure)]
 
+    def _guard(self, state: RunState, gradients: dict[int, list]) -> None:
+        """Roll back members whose smoothed meta-loss diverged; drop their step."""
+        members, config = state.members, self.config.guard
+        diverged = [i for i in gradients if guard.observe(members[i].guard, members[i].meta_loss,
+                                                          members[i].theta, members[i].outer_state, config)]
+        if not diverged:
+            return
+        trainer_index = guard.healthiest([m.guard for m in members])
+        for i in diverged:
+            member, ema = members[i], members[i].guard.ema
+            member.theta, member.outer_state = member.guard.best_theta, member.guard.best_outer_state
+            member.guard.ema, member.guard.rollbacks = member.guard.best_ema, member.guard.rollbacks + 1
+            member.outer_index = trainer_index
+            member.last_event = f"rollback @r{state.round}"
+            del gradients[i]
+            self.log({"kind": "rollback", "round": state.round, "member": i, "ema": ema,
+                      "best_ema": member.guard.best_ema, "outer_index": trainer_index})
+
     def run_round(self, state: RunState, started: float) -> None:
         results = self._run_units(state)
         gradients = absorb_results(state, results, self.config.estimator.pairs)
+        if self.config.guard.rollback:
+            self._guard(state, gradients)
         steps = apply_outer_steps(state.members, gradients, self.lopt, self.config.population.max_step_ratio)
         state.round += 1
         self.log({
@@ -186,6 +207,7 @@ class Trainer:
             "outer_index": [m.outer_index for m in state.members],
             "truncation": [m.truncation for m in state.members],
             "rejected": int(sum(not bool(s.accepted) for s in steps)),
+            "meta_loss_ema": [m.guard.ema for m in state.members],
             "shortened": int(sum(bool(s.shortened) for s in steps)),
             "replaced_tasks": int(sum(r.replaced for r in results)),
             "failed_units": len(state.members) * self.config.population.tasks_per_member - len(results),

@@ -20,9 +20,14 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def _run_in(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """A smoke run whose compile cache lives in the test's own directory."""
+    return _run("--compile-cache", str(tmp_path / "jax_cache"), *args)
+
+
 def test_smoke_run_writes_every_kind_of_event_and_refuses_to_overwrite(tmp_path):
     run_dir = tmp_path / "run"
-    result = _run("--checkpoint-dir", str(run_dir), "--dashboard", "plain")
+    result = _run_in(tmp_path, "--checkpoint-dir", str(run_dir), "--dashboard", "plain")
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     kinds = [r["kind"] for r in records]
@@ -42,10 +47,10 @@ def test_smoke_run_writes_every_kind_of_event_and_refuses_to_overwrite(tmp_path)
     } <= set(pbt)
     assert "pbt   round" in result.stdout and "eval  round" in result.stdout
 
-    again = _run("--checkpoint-dir", str(run_dir))
+    again = _run_in(tmp_path, "--checkpoint-dir", str(run_dir))
     assert again.returncode == 2 and "--fresh" in again.stderr
 
-    fresh = _run("--checkpoint-dir", str(run_dir), "--fresh", "--max-rounds", "1")
+    fresh = _run_in(tmp_path, "--checkpoint-dir", str(run_dir), "--fresh", "--max-rounds", "1")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert len(list(run_dir.glob("events-*.jsonl"))) == 1  # the first run's log is kept
 
@@ -54,7 +59,8 @@ def test_seed_changes_the_run(tmp_path):
     outputs = []
     for seed in (1, 2):
         run_dir = tmp_path / f"s{seed}"
-        assert _run("--checkpoint-dir", str(run_dir), "--seed", str(seed), "--max-rounds", "1").returncode == 0
+        result = _run_in(tmp_path, "--checkpoint-dir", str(run_dir), "--seed", str(seed), "--max-rounds", "1")
+        assert result.returncode == 0, result.stderr[-3000:]
         rounds = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
         outputs.append([r["meta_loss"] for r in rounds if r["kind"] == "round"])
     assert outputs[0] != outputs[1]

@@ -1,0 +1,58 @@
+"""The divergence guard: a member made to diverge is rolled back, and only it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from selfloop.config import GuardConfig
+from selfloop.guard import GuardState, healthiest, observe
+from selfloop.train import Trainer
+
+
+def test_threshold_and_observe_exact():
+    config = GuardConfig(smoothing=0.5, margin=0.05, min_gain=0.2)
+    guard = GuardState()
+    assert not observe(guard, 0.4, "theta-a", "state-a", config)  # first value: the EMA itself
+    assert not observe(guard, 0.2, "theta-b", "state-b", config)  # EMA 0.3: new best, snapshot taken
+    assert guard.best_ema == pytest.approx(0.3) and guard.best_theta == "theta-b"
+    assert not observe(guard, 1.2, "theta-c", "state-c", config)  # EMA 0.75: harder tasks, not divergence
+    assert observe(guard, 1.5, "theta-d", "state-d", config)  # EMA 1.125 > 1.05: diverged
+    no_gains = GuardState(ema=0.9, best_ema=0.9)
+    assert not observe(no_gains, 1.5, "theta", "state", config)  # nothing to keep: left to PBT
+    assert guard.best_theta == "theta-b"
+    assert healthiest([GuardState(ema=0.7), GuardState(ema=0.2), GuardState()]) == 1
+
+
+def test_diverged_member_is_rolled_back_without_spreading(smoke_config, tmp_path):
+    # Smoke members barely learn in 3 rounds: guard every member that gained at all.
+    guard = GuardConfig(smoothing=0.5, margin=0.05, min_gain=0.0)
+    config = dataclasses.replace(smoke_config, guard=guard)
+    records = []
+    trainer = Trainer(config, tmp_path, report=records.append)
+    state = trainer.new_state()
+    for _ in range(3):
+        trainer.run_round(state, 0.0)
+    victim = min(range(len(state.members)), key=lambda i: state.members[i].guard.best_ema)
+    assert state.members[victim].guard.best_ema < 1.0  # it has gains to keep
+    # Make it an exploding optimizer: output bias (d, m) = (1e3, 1e4) gives inner
+    # steps of 1e-3 * 1e3 * e^10 ~ 2e4; its inner problems diverge (meta-loss at the clip).
+    theta = jax.tree_util.tree_map(np.array, state.members[victim].theta)
+    theta["layer2"]["b"] = np.array([1e3, 1e4], np.float32)
+    state.members[victim].theta = theta
+    for _ in range(20):
+        trainer.run_round(state, 0.0)
+        if any(r["kind"] == "rollback" and r["member"] == victim for r in records):
+            break
+    rollbacks = [r for r in records if r["kind"] == "rollback"]
+    assert [r["member"] for r in rollbacks] == [victim]
+    restored = state.members[victim]
+    assert restored.guard.rollbacks == 1 and restored.outer_index != victim
+    # Back to the θ the lopts had produced before the sabotage.
+    assert np.abs(np.asarray(restored.theta["layer2"]["b"])).max() < 10
+    for i, member in enumerate(state.members):
+        if i != victim:  # the members it trained did not catch it
+            assert np.abs(np.asarray(member.theta["layer2"]["b"])).max() < 10
