@@ -142,7 +142,7 @@ class GuardConfig:
     # worse than they started. Absolute, because a member's meta-loss also moves
     # with how hard its current tasks are (0.005 on some, 0.8 on others).
     margin: float = non_negative(0.05)
-    min_gain: float = probability(0.2)  # act only once the best smoothed meta-loss is this far below 1.0
+    min_gain: float = probability(0.5)  # act only once the best smoothed meta-loss is this far below 1.0
 
 
 @dataclass(frozen=True)

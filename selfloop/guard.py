@@ -12,7 +12,8 @@ average exceeds 1 + ``margin`` (its inner problems end worse than they
 started) while the member has gains to keep (best average at least
 ``min_gain`` below 1.0), the member is restored from its snapshot, the round's
 outer step for it is discarded, and its outer optimizer
-becomes the member whose average is currently lowest. A rail, not an update
+becomes the member whose average is currently lowest. A snapshot serves once:
+the member's history restarts, so it must earn a new best to be guarded again. A rail, not an update
 rule: it only ever restores weights that learned optimizers produced.
 """
 

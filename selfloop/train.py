@@ -185,14 +185,16 @@ class Trainer:
             return
         trainer_index = guard.healthiest([m.guard for m in members])
         for i in diverged:
-            member, ema = members[i], members[i].guard.ema
+            member, ema, best_ema = members[i], members[i].guard.ema, members[i].guard.best_ema
             member.theta, member.outer_state = member.guard.best_theta, member.guard.best_outer_state
-            member.guard.ema, member.guard.rollbacks = member.guard.best_ema, member.guard.rollbacks + 1
+            # Each snapshot serves once: the member must earn a new best before it
+            # is guarded again, so a snapshot that only looked good cannot trap it.
+            member.guard = guard.GuardState(rollbacks=member.guard.rollbacks + 1)
             member.outer_index = trainer_index
             member.last_event = f"rollback @r{state.round}"
             del gradients[i]
             self.log({"kind": "rollback", "round": state.round, "member": i, "ema": ema,
-                      "best_ema": member.guard.best_ema, "outer_index": trainer_index})
+                      "best_ema": best_ema, "outer_index": trainer_index})
 
     def run_round(self, state: RunState, started: float) -> None:
         results = self._run_units(state)
