@@ -30,8 +30,6 @@ from selfloop.tasks.base import TaskSpec
 from selfloop.tasks.normalize import ratio_to_initial
 from selfloop.unroll import Episode, InnerOptimizer, InnerState, broadcast_batch, task_program
 
-ESTIMATORS = ("es", "pes")
-
 
 class SlotState(NamedTuple):
     """One persistent inner problem of a member, with its ± particles."""
