@@ -141,11 +141,10 @@ def estimate_gradient(
 
     eps, particles = _perturbations(theta, key, config.pairs, config.std)
     meta_loss_sum = np.zeros(2 * config.pairs)
+    init_loss = float(episode.init_loss)  # fixed within an episode: read once, not per chunk
     for _ in range(truncation // config.chunk):
         inners, episode, losses = program.advance(spec, particles, inners, episode, config.chunk)
-        meta_loss_sum += ratio_to_initial(np.asarray(losses), float(episode.init_loss), config.meta_loss_clip).sum(
-            axis=0
-        )
+        meta_loss_sum += ratio_to_initial(np.asarray(losses), init_loss, config.meta_loss_clip).sum(axis=0)
     meta_loss = meta_loss_sum / truncation
     difference = meta_loss[: config.pairs] - meta_loss[config.pairs :]
     coefficients = jnp.asarray(difference / (2.0 * config.std**2), jnp.float32)

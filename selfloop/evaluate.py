@@ -7,6 +7,7 @@ normalized per task (TaskSet style) by the best loss any Adam rate reached.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -53,12 +54,19 @@ class AdamReference:
     learning_rates: tuple[float, ...]
     curves: tuple[np.ndarray, ...]
 
+    @functools.cached_property
     def best_losses(self) -> np.ndarray:
-        """ℓ_best per task: the lowest loss any learning rate reached."""
+        """ℓ_best per task: the lowest loss any learning rate reached (computed once)."""
         return np.array([np.nanmin(np.where(np.isfinite(c), c, np.nan)) for c in self.curves])
 
+    @functools.cached_property
     def init_losses(self) -> np.ndarray:
         return np.array([c[0, 0] for c in self.curves])
+
+    @functools.cached_property
+    def summary(self) -> tuple[np.ndarray, float]:
+        """(mean normalized loss of each fixed rate, of per-task tuned Adam); constant per set."""
+        return adam_summary(self)
 
 
 def _reference_key(specs: tuple[TaskSpec, ...], steps: int) -> str:
@@ -106,7 +114,7 @@ class HeldoutResult:
 
 
 def normalized_curves(curves: np.ndarray, reference: AdamReference, task: int) -> np.ndarray:
-    return normalize_curve(curves, reference.init_losses()[task], reference.best_losses()[task])
+    return normalize_curve(curves, reference.init_losses[task], reference.best_losses[task])
 
 
 def adam_summary(reference: AdamReference) -> tuple[np.ndarray, float]:
@@ -127,5 +135,5 @@ def evaluate_members(
         normalized = normalized_curves(curves, reference, t)
         means.append(normalized.mean(axis=0))
         finals.append(normalized[-1])
-    fixed, tuned = adam_summary(reference)
+    fixed, tuned = reference.summary
     return HeldoutResult(np.mean(means, axis=0), np.mean(finals, axis=0), fixed, tuned)
