@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -29,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-minutes", type=float, help="stop after this many minutes (default: run.max_minutes)")
     parser.add_argument("--max-rounds", type=int, help="stop after this many rounds (default: run.max_rounds)")
     parser.add_argument("--seed", type=int, help="run seed (default: run.seed)")
-    parser.add_argument("--dashboard", choices=("plain",), help="how progress is shown (default: run.dashboard)")
+    parser.add_argument(
+        "--dashboard",
+        choices=("auto", "live", "plain"),
+        help="live screen, plain lines, or auto: live on a terminal (default: run.dashboard)",
+    )
     parser.add_argument("--fresh", action="store_true", help="start over in a directory that already holds a run")
     parser.add_argument("--workers", type=int, help="local worker processes, one pinned per core (0: all cores)")
     parser.add_argument("--scheduler", help="run units on a Dask scheduler, e.g. tcp://HOST:8786")
@@ -51,41 +57,98 @@ def _overrides(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(extra)
 
 
-def _claim_run_dir(run_dir: Path, fresh: bool) -> None:
+def _set_aside(run_dir: Path, names: list[Path]) -> Path | None:
+    """Move a previous run's files into ``run_dir/previous-<time>/``; nothing is deleted."""
+    if not names:
+        return None
+    target = run_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    target.mkdir()
+    for path in names:
+        shutil.move(path, target / path.name)
+    return target
+
+
+def _previous_run(run_dir: Path) -> list[Path]:
+    from selfloop.checkpoint import list_checkpoints
+
     events = run_dir / "events.jsonl"
-    if not events.exists():
-        return
-    if not fresh:
-        raise ConfigError(
-            f"{run_dir} already holds a run ({events.name}); pass --fresh to start over "
-            "(the old event log is kept under a timestamped name)"
-        )
-    shutil.move(events, run_dir / f"events-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    return list_checkpoints(run_dir) + ([events] if events.exists() else [])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config, _overrides(args))
-        run_dir = Path(config.run.checkpoint_dir)
-        _claim_run_dir(run_dir, args.fresh)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    run_dir = Path(config.run.checkpoint_dir)
 
+    from selfloop.checkpoint import RunLock, RunLocked
+
+    try:
+        lock = RunLock(run_dir).acquire()
+    except RunLocked as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    try:
+        return _train(args, config, run_dir)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        lock.release()
+
+
+def _train(args: argparse.Namespace, config, run_dir: Path) -> int:
     from selfloop.worker import configure_jax
 
     configure_jax(config.farm.compile_cache or None)  # the master compiles outer steps
 
+    from selfloop.checkpoint import load_latest
+    from selfloop.dashboard import LiveDashboard
     from selfloop.farm import make_farm
-    from selfloop.report import PlainReporter
-    from selfloop.train import Trainer
+    from selfloop.report import PlainReporter, format_record
+    from selfloop.train import StopFlag, Trainer
+
+    notes: list[dict] = []
+    if args.fresh and (moved := _set_aside(run_dir, _previous_run(run_dir))):
+        notes.append({"kind": "fresh", "message": f"previous run moved to {moved}"})
+
+    def skipped(path: Path, error: str) -> None:
+        print(f"warning: skipping checkpoint {path}: {error}", file=sys.stderr)
+        notes.append({"kind": "checkpoint_skipped", "path": path.name, "error": error})
+
+    found = load_latest(run_dir, config, skipped)
+    if found is None and (moved := _set_aside(run_dir, _previous_run(run_dir))):
+        # A run that died before its first checkpoint left only a log: nothing to resume.
+        notes.append({"kind": "fresh", "message": f"no usable checkpoint; previous files moved to {moved}"})
+
+    stop = StopFlag()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda num, _frame: _request_stop(stop, num))
 
     farm = make_farm(config.farm, run_dir)
+    live = config.run.dashboard == "live" or (config.run.dashboard == "auto" and sys.stdout.isatty())
+    reporter = LiveDashboard(in_flight=lambda: farm.stats.in_flight) if live else PlainReporter()
     try:
-        trainer = Trainer(config, run_dir, PlainReporter(), farm)
-        trainer.prepare()
-        trainer.train(trainer.new_state(), config.run.max_minutes, config.run.max_rounds)
+        with reporter if live else contextlib.nullcontext():
+            trainer = Trainer(config, run_dir, reporter, farm)
+            state = trainer.begin(found)
+            for note in notes:
+                trainer.log(note)
+            trainer.prepare()
+            trainer.train(state, config.run.max_minutes, config.run.max_rounds, stop)
+        if live:  # the screen is gone: leave the outcome in the terminal
+            print(format_record(trainer.log.last) or "", f"\nevent log: {trainer.log.path}")
     finally:
         farm.close()
-    return 0
+    return 130 if stop.requested else 0
+
+
+def _request_stop(stop, signum: int) -> None:
+    if stop.requested:  # a second Ctrl-C: stop now, from the last checkpoint
+        raise KeyboardInterrupt
+    stop.request(signal.Signals(signum).name)
+    print(f"\n{signal.Signals(signum).name}: finishing this round, then checkpointing "
+          "(again to stop at once)", file=sys.stderr)

@@ -76,7 +76,9 @@ class RunConfig:
     max_minutes: float = non_negative(0.0)  # 0: no time limit
     max_rounds: int = non_negative(0)  # 0: no round limit
     checkpoint_dir: str = "checkpoints/default"
-    dashboard: str = one_of(("plain",), "plain")
+    # "live": rich screen; "plain": a line per round and per event; "auto":
+    # live on a terminal, plain otherwise (CI, nohup, pipes).
+    dashboard: str = one_of(("auto", "live", "plain"), "auto")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,11 @@ class PopulationConfig:
     # of ‖θ‖ is shortened to it (DESIGN §1: it kept a 4-family run from
     # collapsing). 0 disables it.
     max_step_ratio: float = non_negative(0.01)
+    # An outer optimizer reads its step count through time features that it
+    # only ever learned on inner problems of at most tasks.horizon_max steps.
+    # Clamping the outer step count there keeps those features in distribution
+    # for a run of any length (issue #8); false lets them run out of it.
+    clamp_outer_time: bool = True
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,15 @@ class GuardConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    # A checkpoint every this many seconds of run time and/or rounds (0: not by
+    # that measure): the most work a crash of the master can cost.
+    interval_seconds: float = non_negative(60.0)
+    interval_rounds: int = non_negative(0)
+    keep: int = positive(3)  # newest checkpoints kept; older ones are deleted
+
+
+@dataclass(frozen=True)
 class FarmConfig:
     # "local": worker processes pinned to this machine's cores; "dask": a Dask
     # scheduler's workers (several nodes); "inprocess": in the master (tests).
@@ -169,6 +185,7 @@ class Config:
     eval: EvalConfig = EvalConfig()
     farm: FarmConfig = FarmConfig()
     guard: GuardConfig = GuardConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     def validate_consistency(self) -> None:
         """Checks that involve more than one key."""
@@ -179,6 +196,8 @@ class Config:
                 )
         if self.tasks.horizon_max < self.tasks.horizon_min:
             raise ConfigError("tasks.horizon_max: expected >= tasks.horizon_min")
+        if self.checkpoint.interval_seconds == 0 and self.checkpoint.interval_rounds == 0:
+            raise ConfigError("checkpoint.interval_seconds: both it and checkpoint.interval_rounds are 0 (never)")
         if self.farm.engine == "dask" and not self.farm.scheduler:
             raise ConfigError("farm.scheduler: the dask engine needs an address such as tcp://HOST:8786")
 

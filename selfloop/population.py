@@ -49,12 +49,41 @@ class Member:
     guard: GuardState = field(default_factory=GuardState)
 
 
+@dataclass
+class RunState:
+    """The population and its controller: everything a checkpoint holds.
+
+    Times are seconds of run time (``elapsed`` counts across resumes), so a
+    resumed run keeps its PBT, evaluation and checkpoint cadence.
+    """
+
+    members: list[Member]
+    round: int = 0
+    pbt_events: int = 0
+    pbt_rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    last_pbt_time: float = 0.0
+    last_pbt_round: int = 0
+    last_eval_time: float = 0.0
+    last_eval_round: int = 0
+    last_checkpoint_time: float = 0.0
+    last_checkpoint_round: int = 0
+    inner_steps: int = 0
+    elapsed: float = 0.0
+    first_best: float = float("nan")  # best held-out score of the random population
+    resumed_from: int | None = None  # round of the checkpoint this session started from
+
+
 class OuterStep(NamedTuple):
     theta: Any
     state: Any
     accepted: jax.Array  # bool []: False when the step would leave θ non-finite
     step_ratio: jax.Array  # float32 []: ‖Δθ‖/‖θ‖ as proposed by the lopt
     shortened: jax.Array  # bool []: whether the step-size rail shortened it
+
+
+def outer_time_limit(config: Config) -> int:
+    """The step count at which outer optimizers' time stops (0: never)."""
+    return config.tasks.horizon_max if config.population.clamp_outer_time else 0
 
 
 def context_for(config: Config) -> UnitContext:
@@ -87,12 +116,17 @@ def init_population(config: Config) -> list[Member]:
 def outer_step_fn(lopt: LearnedOptimizer):
     """Jitted outer update for ``lopt``: the lopt's own update rule, with two
     safety rails that never replace it: a non-finite result is rejected, and a
-    step longer than ``max_step_ratio``·‖θ‖ is shortened (0 disables)."""
+    step longer than ``max_step_ratio``·‖θ‖ is shortened (0 disables). The
+    state's step count stops at ``time_limit`` (0: never), so the outer
+    optimizer's time features stay where it learned them."""
 
     @jax.jit
-    def outer_step(outer_theta, theta, gradient, state, max_step_ratio) -> OuterStep:
+    def outer_step(outer_theta, theta, gradient, state, max_step_ratio, time_limit) -> OuterStep:
         gradient = jax.tree_util.tree_map(lambda g: jnp.where(jnp.isfinite(g), g, 0.0), gradient)
         proposed, new_state = lopt.update(outer_theta, theta, gradient, state)
+        new_state = new_state._replace(
+            step=jnp.where(time_limit > 0, jnp.minimum(new_state.step, time_limit), new_state.step)
+        )
         delta = jax.tree_util.tree_map(jnp.subtract, proposed, theta)
         theta_norm = tree_l2_norm(theta)
         ratio = tree_l2_norm(delta) / jnp.maximum(theta_norm, 1e-12)
@@ -118,7 +152,7 @@ def _stack(trees: list[Any]) -> Any:
 @functools.cache
 def batched_outer_step_fn(lopt: LearnedOptimizer):
     """``outer_step_fn`` for several members at once (leading axis: member)."""
-    return jax.jit(jax.vmap(outer_step_fn(lopt).__wrapped__, in_axes=(0, 0, 0, 0, None)))
+    return jax.jit(jax.vmap(outer_step_fn(lopt).__wrapped__, in_axes=(0, 0, 0, 0, None, None)))
 
 
 def apply_outer_steps(
@@ -126,6 +160,7 @@ def apply_outer_steps(
     gradients: dict[int, list[Any]],
     lopt: LearnedOptimizer,
     max_step_ratio: float,
+    time_limit: int = 0,
 ) -> list[OuterStep]:
     """Update every member that has gradients, all from the same snapshot of
     the population (θ_{o(i)} as it was at the start of the round), in one call."""
@@ -138,6 +173,7 @@ def apply_outer_steps(
         _stack([mean_gradient(gradients[i]) for i in updated]),
         _stack([members[i].outer_state for i in updated]),
         jnp.float32(max_step_ratio),
+        jnp.int32(time_limit),
     )
     result = jax.device_get(result)  # one transfer; members then hold numpy views
     steps = []

@@ -47,6 +47,15 @@ def format_record(record: dict) -> str | None:
             f"farm  round {record['round']:5d}  unit m{record['member']}/slot {record['slot']} failed "
             f"after {record['attempts']} attempts"
         )
+    if kind == "checkpoint":
+        size, seconds = record["bytes"] / 1e6, record["seconds"]
+        return f"ckpt  round {record['round']:5d}  {record['path']} ({size:.1f} MB, {seconds:.2f}s)"
+    if kind == "resume":
+        return f"resume from {record['path']} (round {record['round']}, {record['elapsed']:.0f}s of run time)"
+    if kind == "checkpoint_skipped":
+        return f"warning: skipped unreadable checkpoint {record['path']}: {record['error']}"
+    if kind == "fresh":
+        return f"fresh {record['message']}"
     if kind == "pbt_skipped":
         return f"pbt   round {record['round']:5d}  skipped: {record['reason']}"
     if kind == "eval":
@@ -58,7 +67,9 @@ def format_record(record: dict) -> str | None:
     if kind == "progress":
         return f"...   {record['message']}"
     if kind == "start":
-        return f"start {len(record['heldout'])} held-out tasks"
+        resumed = record.get("resumed_from")
+        origin = "new population" if resumed is None else f"resumed from round {resumed}"
+        return f"start {record.get('run_dir', '')}: {origin}, {len(record['heldout'])} held-out tasks"
     if kind == "end":
         return (
             f"end   round {record['round']}  {record['elapsed']:.1f}s  best held-out {record['start_best']:.3f} -> "

@@ -14,7 +14,6 @@ import functools
 import json
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,30 +21,19 @@ import jax
 import numpy as np
 
 from selfloop import guard
+from selfloop.checkpoint import prune, write_checkpoint
 from selfloop.config import Config, config_to_dict
 from selfloop.evaluate import EvaluationFailed, adam_reference, evaluate_members
 from selfloop.farm import InProcessFarm, UnitFailure
 from selfloop.lopt import make_lopt
 from selfloop.pbt import ScoringFailed, tournament
-from selfloop.population import Member, apply_outer_steps, context_for, init_population
+from selfloop.population import RunState, apply_outer_steps, context_for, init_population, outer_time_limit
 from selfloop.tasks.sampler import heldout_tasks
 from selfloop.work import UnitResult, WorkUnit, run_unit, warm_up
 
 Report = Callable[[dict], None]
+HISTORY_SHOWN = 40  # held-out scores per member repeated in a resume record (the dashboard's trend)
 NAN_EVAL = {"best": float("nan"), "adam_best_fixed": float("nan"), "adam_tuned": float("nan")}
-
-
-@dataclass
-class RunState:
-    members: list[Member]
-    round: int = 0
-    pbt_events: int = 0
-    pbt_rng: np.random.Generator = field(default_factory=np.random.default_rng)
-    last_pbt_time: float = 0.0
-    last_pbt_round: int = 0
-    last_eval_time: float = 0.0
-    last_eval_round: int = 0
-    inner_steps: int = 0
 
 
 class EventLog:
@@ -53,12 +41,14 @@ class EventLog:
 
     def __init__(self, path: Path, report: Report):
         self.path, self.report = path, report
+        self.last: dict = {"kind": "none"}  # the newest record
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, record: dict) -> None:
         record = {"wall_time": time.time(), **record}
         with self.path.open("a") as handle:
             handle.write(json.dumps(record, default=_jsonable) + "\n")
+        self.last = record
         self.report(record)
 
 
@@ -128,14 +118,30 @@ class Trainer:
             return compile_seconds()  # the master is the worker
         return self.farm.stats.compile_seconds + compile_seconds()
 
+    def begin(self, found: tuple[RunState, Path] | None) -> RunState:
+        """Open the session's log; resume ``found`` (state, checkpoint path) or
+        start a new population, checkpointed at once so that a crash from here
+        on always has something to resume from."""
+        resumed_from = None if found is None else found[0].round
+        self.log({"kind": "start", "config": config_to_dict(self.config),
+                  "heldout": [s.describe() for s in self.heldout], "workers": self.farm.stats.workers,
+                  "run_dir": str(self.run_dir), "resumed_from": resumed_from})
+        if found is None:
+            state = self.new_state()
+            self.checkpoint(state, started=time.time())
+            return state
+        state, path = found
+        self.log({"kind": "resume", "round": state.round, "elapsed": state.elapsed, "path": path.name,
+                  "histories": [m.history[-HISTORY_SHOWN:] for m in state.members],
+                  "last_event": [m.last_event for m in state.members]})
+        return state
+
     def prepare(self) -> None:
-        heldout = [s.describe() for s in self.heldout]
-        self.log({"kind": "start", "config": config_to_dict(self.config), "heldout": heldout,
-                  "workers": self.farm.stats.workers})
+        """Compile the training programs on every worker; load or compute the Adam reference."""
         self.log({"kind": "progress", "message": f"compiling training programs on {self.farm.stats.workers} workers"})
         chunk = self.config.estimator.chunk
         self.farm.broadcast(functools.partial(warm_up, self.context, chunk))
-        self.log({"kind": "progress", "message": f"Adam reference: {len(heldout)} held-out tasks x 15 rates"})
+        self.log({"kind": "progress", "message": f"Adam reference: {len(self.heldout)} held-out tasks x 15 rates"})
         cfg = self.config.eval
         self.reference = adam_reference(self.heldout, cfg.steps, cfg.chunk, self.farm.map, self.run_dir)
 
@@ -201,13 +207,20 @@ class Trainer:
         gradients = absorb_results(state, results, self.config.estimator.pairs)
         if self.config.guard.rollback:
             self._guard(state, gradients)
-        steps = apply_outer_steps(state.members, gradients, self.lopt, self.config.population.max_step_ratio)
+        steps = apply_outer_steps(
+            state.members,
+            gradients,
+            self.lopt,
+            self.config.population.max_step_ratio,
+            outer_time_limit(self.config),
+        )
         state.round += 1
         self.log({
             "kind": "round", "round": state.round, "elapsed": time.time() - started,
             "meta_loss": [m.meta_loss for m in state.members],
             "outer_index": [m.outer_index for m in state.members],
             "truncation": [m.truncation for m in state.members],
+            "steps": [m.steps for m in state.members],
             "rejected": int(sum(not bool(s.accepted) for s in steps)),
             "meta_loss_ema": [m.guard.ema for m in state.members],
             "shortened": int(sum(bool(s.shortened) for s in steps)),
@@ -220,7 +233,7 @@ class Trainer:
 
     def maybe_pbt(self, state: RunState, started: float) -> None:
         cfg = self.config.pbt
-        if not _due(time.time(), state.last_pbt_time, cfg.interval_seconds, state.round, state.last_pbt_round,
+        if not _due(time.time() - started, state.last_pbt_time, cfg.interval_seconds, state.round, state.last_pbt_round,
                     cfg.interval_rounds):
             return
         try:
@@ -230,7 +243,7 @@ class Trainer:
         except ScoringFailed as error:
             event, reason = None, str(error)[-2000:]
         state.pbt_events += 1
-        state.last_pbt_time, state.last_pbt_round = time.time(), state.round
+        state.last_pbt_time, state.last_pbt_round = time.time() - started, state.round
         if event is None:
             self.log({"kind": "pbt_skipped", "round": state.round, "reason": reason})
         else:
@@ -238,30 +251,68 @@ class Trainer:
 
     def maybe_evaluate(self, state: RunState, started: float) -> None:
         cfg = self.config.eval
-        if _due(time.time(), state.last_eval_time, cfg.interval_seconds, state.round, state.last_eval_round,
-                cfg.interval_rounds):
+        if _due(time.time() - started, state.last_eval_time, cfg.interval_seconds, state.round,
+                state.last_eval_round, cfg.interval_rounds):
             self.evaluate(state, started)
-            state.last_eval_time, state.last_eval_round = time.time(), state.round
+            state.last_eval_time, state.last_eval_round = time.time() - started, state.round
 
-    def train(self, state: RunState, max_minutes: float, max_rounds: int) -> dict:
-        """Run until the time or round budget is spent; returns the final eval.
+    def checkpoint(self, state: RunState, started: float) -> None:
+        """Write a checkpoint now (crash-safe) and log how long it took."""
+        write_started = time.time()
+        state.elapsed = state.last_checkpoint_time = write_started - started
+        state.last_checkpoint_round = state.round
+        path = write_checkpoint(self.run_dir, state, self.config)
+        prune(self.run_dir, self.config.checkpoint.keep)
+        self.log({"kind": "checkpoint", "round": state.round, "elapsed": state.elapsed, "path": path.name,
+                  "seconds": time.time() - write_started, "bytes": path.stat().st_size})
 
-        Elapsed time counts from the first evaluation of the random population;
-        the Adam reference (``prepare``) is computed before and cached on disk.
+    def maybe_checkpoint(self, state: RunState, started: float) -> None:
+        cfg = self.config.checkpoint
+        if _due(time.time() - started, state.last_checkpoint_time, cfg.interval_seconds, state.round,
+                state.last_checkpoint_round, cfg.interval_rounds):
+            self.checkpoint(state, started)
+
+    def train(self, state: RunState, max_minutes: float, max_rounds: int, stop: StopFlag | None = None) -> dict:
+        """Run until this session's ``max_minutes``, the run's ``max_rounds`` or a
+        stop request; returns the final eval. Each round ends at a consistent
+        state (units absorbed, outer steps applied, PBT done), and only there is
+        a checkpoint written or a stop honoured.
+
+        Run time counts from the first evaluation of the random population and
+        continues across resumes; the Adam reference (``prepare``) comes before.
         """
-        started = time.time()
-        first = self.evaluate(state, started) or NAN_EVAL
-        state.last_pbt_time = state.last_eval_time = time.time()
-        while True:
+        stop = stop or StopFlag()
+        session_started = time.time()
+        started = session_started - state.elapsed  # run time = time.time() - started
+        if state.resumed_from is None and state.round == 0:
+            first = self.evaluate(state, started) or NAN_EVAL
+            state.first_best = first["best"]
+            state.last_pbt_time = state.last_eval_time = time.time() - started
+        while not (max_rounds > 0 and state.round >= max_rounds):
             self.run_round(state, started)
             self.maybe_pbt(state, started)
-            out_of_time = max_minutes > 0 and time.time() - started >= 60.0 * max_minutes
-            out_of_rounds = max_rounds > 0 and state.round >= max_rounds
-            if out_of_time or out_of_rounds:
+            out_of_time = max_minutes > 0 and time.time() - session_started >= 60.0 * max_minutes
+            if out_of_time or stop.requested or (max_rounds > 0 and state.round >= max_rounds):
                 break
             self.maybe_evaluate(state, started)
+            self.maybe_checkpoint(state, started)
         last = self.evaluate(state, started) or NAN_EVAL
+        self.checkpoint(state, started)
         self.log({"kind": "end", "round": state.round, "elapsed": time.time() - started,
-                  "start_best": first["best"], "end_best": last["best"],
+                  "reason": stop.reason or "budget", "start_best": state.first_best, "end_best": last["best"],
                   "adam_best_fixed": last["adam_best_fixed"], "adam_tuned": last["adam_tuned"]})
         return last
+
+
+class StopFlag:
+    """Set by a signal handler; the loop stops at the end of the current round."""
+
+    def __init__(self):
+        self.reason: str | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.reason is not None
+
+    def request(self, reason: str) -> None:
+        self.reason = reason

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import signal
 import sys
 import traceback
 from importlib import metadata
@@ -104,6 +105,9 @@ def to_host(value):
 def worker_main(core: int | None, cache_root: str | None, log_path: str | None, conn) -> None:
     """Serve one pipe: receive (task id, cloudpickled (fn, item)) or None to stop,
     answer (task id, ok, cloudpickled result or traceback, compile seconds so far)."""
+    # Ctrl-C in the terminal reaches the whole process group: the master
+    # finishes its round and checkpoints, so workers must not die under it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     prepare_process(core, cache_root, log_path)
     import cloudpickle
 

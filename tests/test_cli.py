@@ -25,7 +25,7 @@ def _run_in(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return _run("--compile-cache", str(tmp_path / "jax_cache"), *args)
 
 
-def test_smoke_run_writes_every_kind_of_event_and_refuses_to_overwrite(tmp_path):
+def test_smoke_run_writes_every_kind_of_event_resumes_and_starts_fresh_on_request(tmp_path):
     run_dir = tmp_path / "run"
     result = _run_in(tmp_path, "--checkpoint-dir", str(run_dir), "--dashboard", "plain")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -47,12 +47,21 @@ def test_smoke_run_writes_every_kind_of_event_and_refuses_to_overwrite(tmp_path)
     } <= set(pbt)
     assert "pbt   round" in result.stdout and "eval  round" in result.stdout
 
-    again = _run_in(tmp_path, "--checkpoint-dir", str(run_dir))
-    assert again.returncode == 2 and "--fresh" in again.stderr
+    assert "checkpoint" in kinds and (run_dir / "checkpoint-000000004.h5").exists()
+
+    # The same directory again resumes from round 4 (max_rounds counts the whole run).
+    again = _run_in(tmp_path, "--checkpoint-dir", str(run_dir), "--max-rounds", "6")
+    assert again.returncode == 0, again.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records if r["kind"] == "resume"] == [4]
+    assert records[-1]["kind"] == "end" and records[-1]["round"] == 6
 
     fresh = _run_in(tmp_path, "--checkpoint-dir", str(run_dir), "--fresh", "--max-rounds", "1")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
-    assert len(list(run_dir.glob("events-*.jsonl"))) == 1  # the first run's log is kept
+    (previous,) = run_dir.glob("previous-*")  # the first run is kept whole, not overwritten
+    assert (previous / "events.jsonl").exists() and (previous / "checkpoint-000000006.h5").exists()
+    records = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert "resume" not in [r["kind"] for r in records] and records[-1]["round"] == 1
 
 
 def test_seed_changes_the_run(tmp_path):

@@ -8,6 +8,7 @@ optimizer's lopt update produces from the round's snapshot and meta-gradient.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from selfloop.population import apply_outer_steps, init_population, mean_gradient
+from selfloop.lopt import make_lopt
+from selfloop.population import apply_outer_steps, init_population, mean_gradient, outer_time_limit
 from selfloop.train import RunState, Trainer, absorb_results, make_units
 from selfloop.work import run_unit
 
@@ -108,3 +110,22 @@ def test_theta_changes_only_through_the_outer_lopt(smoke_config, tmp_path):
         expected, _ = update(snapshot[outer_index][0], theta, mean_gradient(gradients[i]), outer_state)
         for a, b in zip(jax.tree_util.tree_leaves(member.theta), jax.tree_util.tree_leaves(expected)):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_outer_time_stops_at_the_inner_horizon_when_clamped(smoke_config):
+    """The outer optimizer's step count (its time features) stops at
+    tasks.horizon_max, the longest time it ever learned on, unless disabled."""
+    lopt = make_lopt(smoke_config.lopt)
+    counts = {}
+    for limit in (3, 0):
+        members = init_population(smoke_config)
+        gradients = {i: [jax.tree_util.tree_map(np.ones_like, m.theta)] for i, m in enumerate(members)}
+        for _ in range(5):
+            apply_outer_steps(members, gradients, lopt, max_step_ratio=0.01, time_limit=limit)
+        counts[limit] = {int(m.outer_state.step) for m in members}
+        assert {m.steps for m in members} == {5}  # every step was taken either way
+    assert counts == {3: {3}, 0: {5}}
+    clamped = dataclasses.replace(smoke_config, tasks=dataclasses.replace(smoke_config.tasks, horizon_max=77))
+    assert outer_time_limit(clamped) == 77
+    free = dataclasses.replace(clamped, population=dataclasses.replace(clamped.population, clamp_outer_time=False))
+    assert outer_time_limit(free) == 0

@@ -1,0 +1,221 @@
+"""Checkpoints: exact resume, crash safety under kill -9, corrupt files, the lock."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import jax
+import numpy as np
+import pytest
+
+from selfloop.checkpoint import (
+    CheckpointError,
+    RunLock,
+    RunLocked,
+    check_resumable,
+    list_checkpoints,
+    load_latest,
+    read_checkpoint,
+)
+from selfloop.config import ConfigError, config_to_dict
+from selfloop.train import Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def _assert_same_population(a, b):
+    assert a.round == b.round
+    for ma, mb in zip(a.members, b.members):
+        for name in ("theta", "outer_state"):
+            for x, y in zip(_leaves(getattr(ma, name)), _leaves(getattr(mb, name))):
+                np.testing.assert_array_equal(x, y)
+        assert (ma.outer_index, ma.truncation, ma.steps) == (mb.outer_index, mb.truncation, mb.steps)
+        for sa, sb in zip(ma.slots, mb.slots):
+            assert sa.spec == sb.spec
+            for x, y in zip(_leaves(sa.state), _leaves(sb.state)):
+                np.testing.assert_array_equal(x, y)
+
+
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(smoke_config, tmp_path):
+    """Stop after round 3, resume from the checkpoint, run to round 7: the same
+    weights, outer states, inner problems and PBT decisions as a run that never
+    stopped. PBT, evaluation and checkpoints go by rounds here (smoke config);
+    only time-based triggers would make two runs differ."""
+    straight = Trainer(smoke_config, tmp_path / "straight", report=lambda r: None)
+    straight.prepare()
+    uninterrupted = straight.new_state()
+    straight.train(uninterrupted, max_minutes=0, max_rounds=7)
+
+    first = Trainer(smoke_config, tmp_path / "split", report=lambda r: None)
+    first.prepare()
+    first.train(first.new_state(), max_minutes=0, max_rounds=3)
+    state, path = load_latest(tmp_path / "split", smoke_config, on_skip=lambda p, e: pytest.fail(e))
+    assert path.name == "checkpoint-000000003.h5" and state.resumed_from == 3
+    second = Trainer(smoke_config, tmp_path / "split", report=lambda r: None)
+    second.prepare()
+    second.train(state, max_minutes=0, max_rounds=7)
+
+    _assert_same_population(uninterrupted, state)
+    assert uninterrupted.pbt_events == state.pbt_events
+    assert uninterrupted.pbt_rng.bit_generator.state == state.pbt_rng.bit_generator.state
+    assert any(m.steps > 0 for m in state.members)
+
+
+def test_checkpoint_is_self_describing_and_keeps_the_newest(smoke_config, tmp_path):
+    trainer = Trainer(smoke_config, tmp_path, report=lambda r: None)
+    state = trainer.new_state()
+    for _ in range(5):
+        trainer.run_round(state, time.time())
+        trainer.checkpoint(state, time.time())
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == [f"checkpoint-{r:09d}.h5" for r in (5, 4, 3)]  # keep = 3
+    assert not list(tmp_path.glob(".checkpoint-*"))
+    with h5py.File(tmp_path / names[0], "r") as handle:
+        assert handle.attrs["format"] == "selfloop-checkpoint" and handle.attrs["round"] == 5
+        assert json.loads(handle.attrs["config_json"])["population"]["size"] == smoke_config.population.size
+        for key in ("version_selfloop", "version_jax", "version_jaxlib"):
+            assert handle.attrs[key]
+        member = handle["members/001"]
+        assert member["theta/layer0/w"].shape == np.asarray(state.members[1].theta["layer0"]["w"]).shape
+        np.testing.assert_array_equal(member["theta/layer0/w"][()], state.members[1].theta["layer0"]["w"])
+        assert member.attrs["truncation"] == state.members[1].truncation
+        assert "description" in member["theta"].attrs and "description" in handle["controller"].attrs
+
+
+def test_truncated_newest_checkpoint_is_reported_and_the_previous_one_used(smoke_config, tmp_path):
+    trainer = Trainer(smoke_config, tmp_path, report=lambda r: None)
+    state = trainer.new_state()
+    for _ in range(2):
+        trainer.run_round(state, time.time())
+        trainer.checkpoint(state, time.time())
+    newest = list_checkpoints(tmp_path)[0]
+    with open(newest, "r+b") as handle:
+        handle.truncate(newest.stat().st_size // 2)
+    skipped = []
+    resumed, path = load_latest(tmp_path, smoke_config, on_skip=lambda p, e: skipped.append((p, e)))
+    assert [p for p, _ in skipped] == [newest] and newest.name in skipped[0][1]
+    assert path.name == "checkpoint-000000001.h5" and resumed.round == 1
+
+
+def test_a_config_that_changes_what_the_checkpoint_holds_is_refused(smoke_config, tmp_path):
+    saved = config_to_dict(smoke_config)
+    bigger = dataclasses.replace(smoke_config, population=dataclasses.replace(smoke_config.population, size=6))
+    with pytest.raises(ConfigError, match="population.size"):
+        check_resumable(saved, bigger, "run")
+    wider = dataclasses.replace(smoke_config, lopt=dataclasses.replace(smoke_config.lopt, hidden=16))
+    with pytest.raises(ConfigError, match="lopt.hidden"):
+        check_resumable(saved, wider, "run")
+    # What may change on resume: workers, dashboard, time limits, cadences.
+    farm = dataclasses.replace(smoke_config.farm, workers=7)
+    run = dataclasses.replace(smoke_config.run, max_minutes=5.0)
+    check_resumable(saved, dataclasses.replace(smoke_config, farm=farm, run=run), "run")
+
+
+def test_a_tensor_of_the_wrong_shape_names_the_file_and_the_key(smoke_config, tmp_path):
+    trainer = Trainer(smoke_config, tmp_path, report=lambda r: None)
+    trainer.checkpoint(trainer.new_state(), time.time())
+    path = list_checkpoints(tmp_path)[0]
+    with h5py.File(path, "r+") as handle:
+        del handle["members/002/theta/layer1/w"]
+        handle["members/002/theta/layer1/w"] = np.zeros((3, 3), np.float32)
+    with pytest.raises(CheckpointError) as error:
+        read_checkpoint(path, smoke_config)
+    assert path.name in str(error.value) and "/members/002/theta/layer1/w" in str(error.value)
+
+
+def test_lock_refuses_a_second_holder_and_names_it(tmp_path):
+    with RunLock(tmp_path):
+        with pytest.raises(RunLocked, match=f"pid {os.getpid()}"):
+            RunLock(tmp_path).acquire()
+    RunLock(tmp_path).acquire().release()  # released: free again
+
+
+# --- the real master under kill -9 -------------------------------------------------------------
+
+
+def _start_master(run_dir: Path, cache: Path, max_rounds: int) -> subprocess.Popen:
+    command = [
+        sys.executable, "run.py", "--config", "configs/smoke.toml", "--checkpoint-dir", str(run_dir),
+        "--compile-cache", str(cache), "--max-rounds", str(max_rounds),
+        "--set", "checkpoint.interval_rounds=1", "--set", "pbt.interval_rounds=3", "--set", "eval.interval_rounds=50",
+    ]  # fmt: skip
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, timeout: float, poll: float = 0.001) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll)
+    return False
+
+
+def _checkpoints_logged(run_dir: Path) -> int:
+    events = run_dir / "events.jsonl"
+    return events.read_text().count('"kind": "checkpoint"') if events.exists() else 0
+
+
+def _newest_round(run_dir: Path, config) -> int:
+    state, _ = load_latest(run_dir, config, on_skip=lambda p, e: pytest.fail(f"{p}: {e}"))
+    return state.round
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_always_leaves_a_resumable_checkpoint(smoke_config, tmp_path):
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    rng = random.Random(0)
+    config = dataclasses.replace(smoke_config, run=dataclasses.replace(smoke_config.run, checkpoint_dir=str(run_dir)))
+    rounds_seen = []
+    for attempt in range(3):
+        written_before = _checkpoints_logged(run_dir)
+        master = _start_master(run_dir, cache, max_rounds=100_000)
+        try:
+            # Once this master has written a checkpoint of its own, kill it at a random moment.
+            assert _wait_for(lambda n=written_before: _checkpoints_logged(run_dir) > n, 120)
+            if attempt == 0:
+                # A second master on the same directory is refused and told who holds it.
+                second = subprocess.run(
+                    [sys.executable, "run.py", "--config", "configs/smoke.toml", "--checkpoint-dir", str(run_dir)],
+                    cwd=REPO, capture_output=True, text=True, timeout=120,
+                )  # fmt: skip
+                assert second.returncode == 3 and f"pid {master.pid}" in second.stderr
+            if attempt == 1:
+                # Kill while a checkpoint is being written (its temporary file exists).
+                assert _wait_for(lambda: any(run_dir.glob(".checkpoint-*.tmp")), 120)
+            else:
+                time.sleep(rng.uniform(0.0, 2.0))
+        finally:
+            master.send_signal(signal.SIGKILL)
+            master.wait()
+        rounds_seen.append(_newest_round(run_dir, config))  # readable after every kill
+
+    # Truncate the newest: the next master says so and resumes from the one before.
+    newest, previous = list_checkpoints(run_dir)[:2]
+    with open(newest, "r+b") as handle:
+        handle.truncate(newest.stat().st_size // 3)
+    resumed_round = int(previous.name[len("checkpoint-") : -len(".h5")])
+    master = _start_master(run_dir, cache, max_rounds=resumed_round + 2)
+    stdout, stderr = master.communicate(timeout=300)
+    assert master.returncode == 0, stderr[-3000:]
+    assert newest.name in stderr
+    records = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    resumes = [r for r in records if r["kind"] == "resume"]
+    # Each master resumed from the newest checkpoint its predecessor left.
+    assert [r["round"] for r in resumes] == [*rounds_seen[:-1], resumed_round]
+    assert resumes[-1]["path"] == previous.name
+    assert records[-1]["kind"] == "end" and records[-1]["round"] == resumed_round + 2
+    assert any(r["kind"] == "checkpoint_skipped" and r["path"] == newest.name for r in records)

@@ -1,0 +1,98 @@
+"""The dashboard's render function at a fixed width, and the plain reporter, on a real run's records."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+from rich.console import Console
+
+from selfloop.config import load_config
+from selfloop.dashboard import DashboardState, apply, render, sparkline
+from selfloop.report import PlainReporter
+from selfloop.train import Trainer
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    """Every record of a 6-round smoke run (PBT every 2 rounds, a rollback-free guard)."""
+    config = load_config(REPO / "configs" / "smoke.toml")
+    collected: list[dict] = []
+    trainer = Trainer(config, tmp_path_factory.mktemp("run"), report=collected.append)
+    state = trainer.begin(None)
+    trainer.prepare()
+    trainer.train(state, max_minutes=0, max_rounds=6)
+    return collected
+
+
+def _screen(state: DashboardState, width: int = 120) -> str:
+    console = Console(file=io.StringIO(), width=width, record=True, color_system=None)
+    console.print(render(state, in_flight=3, now=state.received))
+    return console.export_text()
+
+
+def test_render_shows_members_events_and_numbers(records):
+    state = DashboardState()
+    for record in records:
+        apply(state, record, now=100.0)
+    screen = _screen(state)
+    lines = screen.splitlines()
+    assert max(len(line) for line in lines) <= 120 and len(lines) <= 40
+    evals = [r for r in records if r["kind"] == "eval"]
+    last_round = [r for r in records if r["kind"] == "round"][-1]
+    pbt = [r for r in records if r["kind"] == "pbt"]
+    assert "selfloop · smoke" in screen and "new population" in screen and "round 6" in screen
+    for i in range(4):  # one row per member: id, latest score, trainer, K
+        row = next(line for line in lines if line.lstrip("│ ").startswith(f"m{i} "))
+        assert f"{evals[-1]['members'][i]:.3f}" in row
+        assert f"m{last_round['outer_index'][i]}" in row and str(last_round["truncation"][i]) in row
+    assert f"m{pbt[-1]['winner']} ({pbt[-1]['winner_score']:.3f}) beat m{pbt[-1]['loser']}" in screen
+    assert f"copied m{pbt[-1]['winner']} @r{pbt[-1]['round']}" in screen  # the loser's last event
+    assert f"Adam best fixed lr {evals[-1]['adam_best_fixed']:.3f}" in screen
+    assert "units in flight 3" in screen and "inner steps/s" in screen
+
+
+def test_render_changes_as_the_run_moves_and_names_the_resume(records):
+    state = DashboardState()
+    middle = next(i for i, r in enumerate(records) if r["kind"] == "round" and r["round"] == 3)
+    for record in records[:middle]:
+        apply(state, record, now=100.0)
+    early = _screen(state)
+    for record in records[middle:]:
+        apply(state, record, now=100.0)
+    assert _screen(state) != early
+    apply(state, {"kind": "resume", "round": 6, "elapsed": 42.0, "path": "checkpoint-000000006.h5",
+                  "histories": [[0.9, 0.8]] * 4, "last_event": ["init"] * 4}, now=100.0)  # fmt: skip
+    start = next(r for r in records if r["kind"] == "start")
+    apply(state, {**start, "resumed_from": 6}, now=100.0)
+    assert "resumed from round 6" in _screen(state)
+
+
+def test_sparkline_follows_the_values():
+    assert sparkline([1.0, 0.5, 0.0]) == "█▅▁"
+    assert sparkline([float("nan")]) == "" and sparkline([0.3, 0.3]) == "▁▁"
+
+
+def test_plain_reporter_prints_a_line_per_round_and_per_pbt_event(records):
+    stream = io.StringIO()
+    reporter = PlainReporter(stream)
+    for record in records:
+        reporter(record)
+    lines = stream.getvalue().splitlines()
+    rounds = [r for r in records if r["kind"] == "round"]
+    pbt = [r for r in records if r["kind"] == "pbt"]
+    assert len([line for line in lines if line.startswith("round ")]) == len(rounds) == 6
+    assert len([line for line in lines if line.startswith("pbt ")]) == len(pbt) >= 1
+    assert any(line.startswith("ckpt ") for line in lines) and lines[-1].startswith("end ")
+
+
+def test_clocks_advance_between_records(records):
+    state = DashboardState()
+    for record in records:
+        apply(state, record, now=time.time())
+    later = render(state, now=state.received + 3725)  # 1 h 2 min 5 s later
+    console = Console(file=io.StringIO(), width=120, record=True, color_system=None)
+    console.print(later)
+    assert "run time 1:02:" in console.export_text()
