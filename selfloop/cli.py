@@ -75,7 +75,105 @@ def _previous_run(run_dir: Path) -> list[Path]:
     return list_checkpoints(run_dir) + ([events] if events.exists() else [])
 
 
+def build_export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run.py export", description="write one member of a run as an optimizer file for load_optimizer"
+    )
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the run's TOML config")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--checkpoint-dir", help="the run (default: run.checkpoint_dir)")
+    parser.add_argument("--member", default="best", help="'best' (lowest latest held-out loss) or a member number")
+    parser.add_argument("--out", required=True, type=Path, help="the optimizer file to write (.h5)")
+    return parser
+
+
+def export_main(argv: list[str]) -> int:
+    args = build_export_parser().parse_args(argv)
+    extra = tuple(args.set) + ((f"run.checkpoint_dir={args.checkpoint_dir!r}",) if args.checkpoint_dir else ())
+    try:
+        config = load_config(args.config, extra)
+        from selfloop.export import export_from_run
+
+        member, state = export_from_run(Path(config.run.checkpoint_dir), config, args.member, args.out)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    score = state.members[member].history[-1] if state.members[member].history else float("nan")
+    print(f"exported member m{member} of {config.run.checkpoint_dir} at round {state.round} "
+          f"(latest held-out normalized loss {score:.3f}) to {args.out}")
+    return 0
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run.py eval", description="every member of a run's newest checkpoint against Adam on held-out tasks"
+    )
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the run's TOML config")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--checkpoint-dir", help="the run (default: run.checkpoint_dir)")
+    parser.add_argument("--tasks", type=int, help="E held-out tasks (default: eval.tasks)")
+    parser.add_argument("--steps", type=int, help="T inner steps per task (default: eval.steps)")
+    parser.add_argument("--workers", type=int, help="local worker processes (0: all cores)")
+    parser.add_argument("--out", type=Path, help="output folder (default: <checkpoint-dir>/eval-r<round>-E<E>-T<T>)")
+    return parser
+
+
+def eval_main(argv: list[str]) -> int:
+    args = build_eval_parser().parse_args(argv)
+    extra = list(args.set)
+    for option, key in (("tasks", "eval.tasks"), ("steps", "eval.steps"), ("workers", "farm.workers")):
+        if getattr(args, option) is not None:
+            extra.append(f"{key}={getattr(args, option)}")
+    if args.checkpoint_dir:
+        extra.append(f"run.checkpoint_dir={args.checkpoint_dir!r}")
+    try:
+        config = load_config(args.config, tuple(extra))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from selfloop.worker import configure_jax
+
+    configure_jax(config.farm.compile_cache or None)
+    from selfloop.checkpoint import load_latest
+    from selfloop.farm import make_farm
+    from selfloop.report_eval import evaluate_checkpoint, format_table, write_outputs
+    from selfloop.tasks.sampler import heldout_tasks
+
+    run_dir = Path(config.run.checkpoint_dir)
+    try:
+        found = load_latest(run_dir, config, lambda path, error: print(f"warning: skipping {error}", file=sys.stderr))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if found is None:
+        print(f"error: {run_dir}: no readable checkpoint to evaluate", file=sys.stderr)
+        return 2
+    state, path = found
+    cfg = config.eval
+    specs = heldout_tasks(cfg.tasks, config.tasks.families, cfg.seed)
+    out = args.out or run_dir / f"eval-r{state.round}-E{cfg.tasks}-T{cfg.steps}"
+    print(f"evaluating {len(state.members)} members of {path} on {cfg.tasks} held-out tasks x {cfg.steps} steps, "
+          f"with Adam at 15 rates on the same tasks (cached in {run_dir})", flush=True)
+    farm = make_farm(config.farm, run_dir)
+    try:
+        curves, table = evaluate_checkpoint(state, config, specs, cfg.steps, cfg.chunk, farm.map, run_dir)
+    finally:
+        farm.close()
+    title = f"{config.run.name}, round {state.round}: {cfg.tasks} held-out tasks x {cfg.steps} steps"
+    about = {"checkpoint": str(path), "round": state.round, "tasks": [s.describe() for s in specs],
+             "steps": cfg.steps, "title": title}
+    files = write_outputs(out, curves, table, about)
+    print(format_table(table))
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
+    if argv[:1] == ["eval"]:
+        return eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config, _overrides(args))

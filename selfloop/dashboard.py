@@ -38,7 +38,7 @@ class MemberRow:
     outer_index: int = -1
     truncation: int = 0
     steps: int = 0
-    last_exploit_round: int | None = None
+    age: int = 0  # outer steps since this lineage's weights were last copied (or since init)
     last_event: str = "init"
 
     @property
@@ -112,7 +112,7 @@ def apply(state: DashboardState, record: dict, now: float | None = None) -> None
         state.ensure_members(len(record["meta_loss"]))
         for i, row in enumerate(state.members):
             row.meta_loss, row.outer_index = record["meta_loss"][i], record["outer_index"][i]
-            row.truncation, row.steps = record["truncation"][i], record["steps"][i]
+            row.truncation, row.steps, row.age = record["truncation"][i], record["steps"][i], record["age"][i]
     elif kind == "eval":
         state.ensure_members(len(record["members"]))
         for row, score in zip(state.members, record["members"]):
@@ -123,7 +123,7 @@ def apply(state: DashboardState, record: dict, now: float | None = None) -> None
         state.last_pbt = (record.get("elapsed", state.elapsed), record["round"])
         state.ensure_members(max(record["winner"], record["loser"]) + 1)
         loser = state.members[record["loser"]]
-        loser.last_exploit_round = record["round"]
+        loser.age = 0
         loser.last_event = f"copied m{record['winner']} @r{record['round']}"
     elif kind == "pbt_skipped":
         state.last_pbt = (state.elapsed, record["round"])
@@ -154,6 +154,10 @@ def sparkline(values: list[float], width: int = TREND_POINTS) -> str:
 
 def _number(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if math.isfinite(value) else "-"
+
+
+def _count(value: float) -> str:
+    return f"{value:,.0f}" if math.isfinite(value) else "-"
 
 
 def _duration(seconds: float) -> str:
@@ -187,10 +191,9 @@ def member_table(state: DashboardState) -> Table:
         table.add_column(name, justify=justify, no_wrap=True)
     for i, row in enumerate(state.members):
         style = "bold green" if i == state.best_member else ""
-        age = "-" if row.last_exploit_round is None else f"{state.round - row.last_exploit_round}r"
         table.add_row(
             f"m{i}", _number(row.latest), _number(row.best), sparkline(row.evals), _number(row.meta_loss),
-            f"m{row.outer_index}" if row.outer_index >= 0 else "-", str(row.truncation or "-"), age,
+            f"m{row.outer_index}" if row.outer_index >= 0 else "-", str(row.truncation or "-"), f"{row.age:,}",
             f"{row.steps:,}", row.last_event, style=style,
         )  # fmt: skip
     return table
@@ -215,7 +218,7 @@ def render(state: DashboardState, in_flight: int = 0, now: float | None = None) 
     next_pbt = _time_to_next(state.pbt_interval, state.last_pbt, elapsed, state.round)
     next_checkpoint = _time_to_next(state.checkpoint_interval, state.last_checkpoint, elapsed, state.round)
     health = Text("\n".join((
-        f"inner steps/s {_number(rate, 0)} ({_number(rate / workers, 0)} per core, {state.workers} workers)   "
+        f"inner steps/s {_count(rate)} ({_count(rate / workers)} per core, {state.workers} workers)   "
         f"units in flight {in_flight}   worker restarts {state.worker_restarts}   failed units {state.failed_units}",
         f"next PBT in {next_pbt}   next checkpoint in {next_checkpoint}   rollbacks {state.rollbacks}   "
         f"inner steps {state.inner_steps:,}",

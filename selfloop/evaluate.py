@@ -26,7 +26,7 @@ class EvaluationFailed(RuntimeError):
     """An evaluation unit failed on the farm after its retries."""
 
 
-def _checked(results: list, what: str) -> list[np.ndarray]:
+def all_succeeded(results: list, what: str) -> list[np.ndarray]:
     for result in results:
         if not isinstance(result, np.ndarray):
             raise EvaluationFailed(f"{what} unit failed: {result}")
@@ -85,7 +85,7 @@ def adam_reference(
         stored = np.load(path)
         return AdamReference(tuple(stored["learning_rates"]), tuple(stored[f"task{i}"] for i in range(len(specs))))
     units = [AdamUnit(spec, steps, chunk) for spec in specs]
-    curves = _checked(list(map_fn(run_adam_unit, units)), "Adam reference")
+    curves = all_succeeded(list(map_fn(run_adam_unit, units)), "Adam reference")
     reference = AdamReference(ADAM_LEARNING_RATES, tuple(curves))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +131,7 @@ def evaluate_members(
     stacked = stack_thetas(thetas)
     units = [CurveUnit(spec, lopt, stacked, steps, chunk) for spec in specs]
     means, finals = [], []
-    for t, curves in enumerate(_checked(list(map_fn(run_curve_unit, units)), "evaluation")):
+    for t, curves in enumerate(all_succeeded(list(map_fn(run_curve_unit, units)), "evaluation")):
         normalized = normalized_curves(curves, reference, t)
         means.append(normalized.mean(axis=0))
         finals.append(normalized[-1])

@@ -1,12 +1,16 @@
 """Reading a run's ``events.jsonl`` back: what the numbers in BENCHMARKS.md come from.
 
-python -m selfloop.history checkpoints/default/events.jsonl
+    python -m selfloop.history checkpoints/default/events.jsonl [--plot history.png]
+    python -m selfloop.history --ablation all=checkpoints/a/events.jsonl no-guard=checkpoints/b/events.jsonl
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from selfloop.baselines import ADAM_LEARNING_RATES
@@ -56,5 +60,83 @@ def summary(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Stability:
+    """How well a run kept its gains (issue #8's criterion), from its held-out evaluations."""
+
+    halved_at: float | None  # elapsed s when the best member first fell below half its start
+    violations: int  # evaluations after that with best > 1.5 x running minimum + 0.05
+    worst_excess: float  # largest best / (1.5 x running minimum + 0.05) after halving
+    collapses: int  # times every member was above its own starting loss at once
+    final_best: float
+    lowest_best: float
+
+
+def stability(evals: list[dict]) -> Stability:
+    """Evaluations come every eval interval; a violating one is counted as lasting
+    until the next, so any violation is one longer than a 15 s PBT interval."""
+    start = evals[0]["best"]
+    starting = evals[0]["members"]
+    halved_at, running_min, violations, worst, collapses, collapsed = None, math.inf, 0, 0.0, 0, False
+    for e in evals:
+        running_min = min(running_min, e["best"])
+        if halved_at is None and e["best"] < 0.5 * start:
+            halved_at = e["elapsed"]
+        if halved_at is not None:
+            limit = 1.5 * running_min + 0.05
+            worst = max(worst, e["best"] / limit)
+            violations += e["best"] > limit
+        now_collapsed = all(m > s for m, s in zip(e["members"], starting))
+        collapses += now_collapsed and not collapsed
+        collapsed = now_collapsed
+    return Stability(halved_at, violations, worst, collapses, evals[-1]["best"], min(e["best"] for e in evals))
+
+
+def ablation_table(runs: dict[str, list[dict]]) -> str:
+    """One markdown row per run: time to beat Adam, collapses, final best."""
+    lines = [
+        "| run | minutes | first beat best fixed-lr Adam | first beat tuned Adam | collapses "
+        "| criterion violations | lowest best | final best |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, records in runs.items():
+        evals = [r for r in records if r["kind"] == "eval"]
+        result = stability(evals)
+        beat_fixed, beat_tuned = (first_time_below(evals, k) for k in ("adam_best_fixed", "adam_tuned"))
+        when = [f"{t / 60:.1f} min" if t is not None else "never" for t in (beat_fixed, beat_tuned)]
+        lines.append(
+            f"| {name} | {evals[-1]['elapsed'] / 60:.0f} | {when[0]} | {when[1]} | {result.collapses} "
+            f"| {result.violations} | {result.lowest_best:.3f} | {result.final_best:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("events", nargs="?", help="a run's events.jsonl")
+    parser.add_argument("--plot", type=Path, help="write the history figure here (needs matplotlib)")
+    parser.add_argument("--ablation", nargs="+", metavar="NAME=EVENTS", help="a markdown table over several runs")
+    args = parser.parse_args(argv)
+    if args.ablation:
+        runs = dict(item.split("=", 1) for item in args.ablation)
+        print(ablation_table({name: read_events(path) for name, path in runs.items()}))
+        return
+    if not args.events:
+        parser.error("give an events.jsonl or --ablation")
+    records = read_events(args.events)
+    print(summary(records))
+    evals = [r for r in records if r["kind"] == "eval"]
+    if evals:
+        result = stability(evals)
+        halved = "never" if result.halved_at is None else f"at {result.halved_at:.0f} s"
+        print(f"halved its starting loss: {halved}; evaluations above 1.5 x running min + 0.05 after that: "
+              f"{result.violations} (worst {result.worst_excess:.2f} x the limit); collapses: {result.collapses}")
+    if args.plot:
+        from selfloop.figures import history_figure
+
+        history_figure(records, args.plot)
+        print(f"figure: {args.plot}")
+
+
 if __name__ == "__main__":
-    print(summary(read_events(sys.argv[1])))
+    main()

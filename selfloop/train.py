@@ -221,6 +221,7 @@ class Trainer:
             "outer_index": [m.outer_index for m in state.members],
             "truncation": [m.truncation for m in state.members],
             "steps": [m.steps for m in state.members],
+            "age": [m.steps - m.last_exploit_step for m in state.members],  # outer steps since last copied
             "rejected": int(sum(not bool(s.accepted) for s in steps)),
             "meta_loss_ema": [m.guard.ema for m in state.members],
             "shortened": int(sum(bool(s.shortened) for s in steps)),
@@ -294,8 +295,10 @@ class Trainer:
             out_of_time = max_minutes > 0 and time.time() - session_started >= 60.0 * max_minutes
             if out_of_time or stop.requested or (max_rounds > 0 and state.round >= max_rounds):
                 break
-            self.maybe_evaluate(state, started)
+            # Before the evaluation, which can take long (the paper's: 100 tasks x 10k steps);
+            # an evaluation lost to a crash is simply due again after the resume.
             self.maybe_checkpoint(state, started)
+            self.maybe_evaluate(state, started)
         last = self.evaluate(state, started) or NAN_EVAL
         self.checkpoint(state, started)
         self.log({"kind": "end", "round": state.round, "elapsed": time.time() - started,

@@ -1,0 +1,99 @@
+"""A self-trained learned optimizer as a standard optax optimizer.
+
+``export_member`` writes one member's lopt weights θ (and the lopt settings
+they need) to a small h5 file; ``load_optimizer`` turns such a file into an
+``optax.GradientTransformation``, so anyone can train a JAX model with it:
+
+    opt = selfloop.load_optimizer("selfloop/pretrained/default.h5")
+    state = opt.init(params)
+    updates, state = opt.update(grads, state, params)   # params are required
+    params = optax.apply_updates(params, updates)
+
+Not on the self-training path: this module is the second (after baselines)
+that imports optax.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from selfloop.checkpoint import Templates, load_latest, read_tree, write_tree
+from selfloop.config import Config, ConfigError, LOptConfig, config_to_dict
+from selfloop.lopt import make_lopt
+from selfloop.population import RunState
+
+FORMAT = "selfloop-optimizer"
+PRETRAINED = Path(__file__).resolve().parent / "pretrained"
+
+
+def choose_member(state: RunState, which: str) -> int:
+    """``best``: the member with the lowest latest held-out score; or a member number."""
+    if which != "best":
+        index = int(which)
+        if not 0 <= index < len(state.members):
+            raise ConfigError(f"--member: expected 'best' or 0..{len(state.members) - 1}, got {which}")
+        return index
+    scores = [m.history[-1] if m.history else math.inf for m in state.members]
+    if not any(math.isfinite(s) for s in scores):
+        raise ConfigError("--member best: no member has a held-out evaluation in this checkpoint yet")
+    return min(range(len(scores)), key=scores.__getitem__)
+
+
+def export_member(state: RunState, config: Config, member: int, out: Path, source: str) -> None:
+    """Write member ``member``'s θ and lopt settings to ``out`` (h5)."""
+    chosen = state.members[member]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(out, "w", locking=False) as handle:
+        handle.attrs["format"] = FORMAT
+        handle.attrs["description"] = (
+            "A learned optimizer trained by selfloop's self-training population (Metz et al. 2021). "
+            "Load with selfloop.load_optimizer(path) -> optax.GradientTransformation."
+        )
+        handle.attrs["lopt_json"] = json.dumps(config_to_dict(config)["lopt"])
+        handle.attrs["source"], handle.attrs["member"], handle.attrs["round"] = source, member, state.round
+        handle.attrs["heldout_history"] = np.asarray(chosen.history, np.float64)
+        write_tree(handle, "theta", chosen.theta, "the learned optimizer's weights θ")
+
+
+def export_from_run(run_dir: Path, config: Config, which: str, out: Path) -> tuple[int, RunState]:
+    """Export from the newest readable checkpoint of ``run_dir``; returns (member, state)."""
+    found = load_latest(run_dir, config, on_skip=lambda path, error: print(f"warning: skipping {error}"))
+    if found is None:
+        raise ConfigError(f"{run_dir}: no readable checkpoint to export from")
+    state, path = found
+    member = choose_member(state, which)
+    export_member(state, config, member, out, source=str(path))
+    return member, state
+
+
+def load_theta(path: str | Path) -> tuple[LOptConfig, dict]:
+    """(lopt settings, θ) stored by ``export_member``."""
+    with h5py.File(path, "r", locking=False) as handle:
+        if handle.attrs.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a selfloop optimizer file (attribute 'format' is not {FORMAT!r})")
+        lopt_config = LOptConfig(**json.loads(handle.attrs["lopt_json"]))
+        template = Templates.of(Config(lopt=lopt_config)).theta
+        return lopt_config, read_tree(handle, "theta", template, str(path))
+
+
+def load_optimizer(path: str | Path = PRETRAINED / "default.h5") -> optax.GradientTransformation:
+    """The learned optimizer in ``path`` as an optax transformation (params required in ``update``)."""
+    lopt_config, theta = load_theta(path)
+    lopt = make_lopt(lopt_config)
+    theta = jax.tree_util.tree_map(jnp.asarray, theta)
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("a learned optimizer reads the weights: call update(grads, state, params)")
+        new_params, state = lopt.update(theta, params, grads, state)
+        return jax.tree_util.tree_map(jnp.subtract, new_params, params), state
+
+    return optax.GradientTransformation(lopt.init_state, update)

@@ -1,0 +1,66 @@
+"""Figures (matplotlib, ``pip install -e ".[plot]"``): the paper's Figure 2 and a run's history."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure2(curves, out: Path, title: str = "") -> None:
+    """Like the paper's Figure 2: each member's mean normalized curve in colour,
+    every fixed-learning-rate Adam dashed blue, per-task tuned Adam black."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for name in curves.per_task:
+        curve = curves.mean_curve(name)
+        steps = np.arange(len(curve))
+        if name.startswith("adam lr="):
+            axis.plot(steps, curve, ls="--", color="tab:blue", lw=0.8, alpha=0.6)
+        elif name == "adam tuned":
+            axis.plot(steps, curve, color="black", lw=2.0, label="Adam, tuned per task")
+        else:
+            axis.plot(steps, curve, lw=1.3, label=name)
+    axis.plot([], [], ls="--", color="tab:blue", label="Adam, 15 fixed rates 1e-6 .. 10")
+    axis.set(xlabel="inner step", ylabel="mean normalized loss (held-out tasks)", ylim=(0, 1.55), title=title)
+    axis.legend(ncol=3, fontsize=7, loc="upper right")
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+
+
+def history_figure(records: list[dict], out: Path) -> None:
+    """Each member's held-out loss over run time, PBT exploits and rollbacks marked."""
+    plt = _pyplot()
+    evals = [r for r in records if r["kind"] == "eval"]
+    minutes = [e["elapsed"] / 60 for e in evals]
+    figure, axis = plt.subplots(figsize=(10, 5.5))
+    for i in range(len(evals[0]["members"])):
+        axis.plot(minutes, [e["members"][i] for e in evals], lw=0.8, alpha=0.6, label=f"m{i}")
+    axis.plot(minutes, [e["best"] for e in evals], color="black", lw=2.2, label="best member")
+    running = [min(e["best"] for e in evals[: k + 1]) for k in range(len(evals))]
+    axis.plot(minutes, [1.5 * m + 0.05 for m in running], color="grey", ls=":", label="1.5 x running min + 0.05")
+    axis.axhline(evals[-1]["adam_best_fixed"], color="tab:blue", ls="--", label="Adam, best fixed lr")
+    axis.axhline(evals[-1]["adam_tuned"], color="navy", ls="-.", label="Adam, tuned per task")
+    for kind, marker, color in (("pbt", "|", "tab:green"), ("rollback", "x", "tab:red")):
+        times = [r["elapsed"] / 60 for r in records if r["kind"] == kind and "elapsed" in r]
+        if kind == "rollback":  # rollback records carry a round; place them by the round records
+            by_round = {r["round"]: r["elapsed"] for r in records if r["kind"] == "round"}
+            times = [by_round[r["round"]] / 60 for r in records if r["kind"] == kind and r["round"] in by_round]
+        axis.plot(times, [0.02] * len(times), marker, color=color, ms=8, ls="none",
+                  label="PBT exploit" if kind == "pbt" else "guard rollback")
+    axis.set(xlabel="run time (minutes)", ylabel="held-out mean normalized loss", ylim=(0, 1.6),
+             title="held-out loss of every member over the run")
+    axis.legend(ncol=4, fontsize=7, loc="upper right")
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
