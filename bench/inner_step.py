@@ -1,4 +1,4 @@
-"""Cost of one inner step: the MLP learned optimizer vs optax Adam, same task.
+"""Cost of one inner step: the MLP and hierarchical learned optimizers vs optax Adam, same task.
 
 Both run through the same compiled program (lax.scan over steps, batch of 1);
 only the optimizer differs. Runs are interleaved (lopt, Adam, lopt, Adam, ...)
@@ -54,14 +54,15 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=100)
     args = parser.parse_args()
 
-    lopt = make_lopt(LOptConfig())
-    theta = jax.tree_util.tree_map(lambda x: x[None], lopt.init_theta(jax.random.PRNGKey(0)))
-    contenders = {
-        "mlp lopt": (as_inner_optimizer(lopt), theta),
-        "adam": (ADAM, np.asarray([1e-3], np.float32)),
-    }
+    contenders = {}
+    for arch in ("mlp", "hierarchical"):
+        lopt = make_lopt(LOptConfig(arch=arch))
+        theta = jax.tree_util.tree_map(lambda x: x[None], lopt.init_theta(jax.random.PRNGKey(0)))
+        contenders[arch] = (as_inner_optimizer(lopt), theta)
+    contenders["adam"] = (ADAM, np.asarray([1e-3], np.float32))
     print(f"jax {jax.__version__}, {os.cpu_count()} cpus, {args.steps} steps x {args.repeats} interleaved repeats")
-    print(f"{'task':<16}{'weights':>9}{'lopt us/step':>14}{'adam us/step':>14}{'lopt/adam':>11}")
+    print(f"{'task':<14}{'weights':>8}{'mlp us/step':>13}{'hier us/step':>14}{'adam us/step':>14}"
+          f"{'mlp/adam':>10}{'hier/adam':>11}{'hier/mlp':>10}")
     for spec in TASKS:
         program = task_program(spec.family, spec.bucket, ADAM)
         _, inner = program.start(spec, 0)
@@ -72,9 +73,9 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, (optimizer, hyper) in contenders.items():
                 times[name].append(_timed_steps(spec, optimizer, hyper, args.steps, args.chunk))
-        lopt_us = statistics.median(times["mlp lopt"]) * 1e6
-        adam_us = statistics.median(times["adam"]) * 1e6
-        print(f"{spec.family:<16}{weights:>9,}{lopt_us:>14.1f}{adam_us:>14.1f}{lopt_us / adam_us:>11.2f}")
+        mlp, hier, adam = (statistics.median(times[name]) * 1e6 for name in ("mlp", "hierarchical", "adam"))
+        print(f"{spec.family:<14}{weights:>8,}{mlp:>13.1f}{hier:>14.1f}{adam:>14.1f}"
+              f"{mlp / adam:>10.2f}{hier / adam:>11.2f}{hier / mlp:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ ADAM_LEARNING_RATES = tuple(float(10.0 ** (k / 2)) for k in range(-12, 3))
 _scale_by_adam = optax.scale_by_adam()
 
 
-def _adam_update(learning_rate, params, grads, state):
+def _adam_update(learning_rate, params, grads, state, loss=None):
     updates, state = _scale_by_adam.update(grads, state, params)
     params = optax.apply_updates(params, optax.scale(-learning_rate).update(updates, None)[0])
     return params, state

@@ -63,6 +63,7 @@ FROZEN_KEYS = (
     "population.tasks_per_member",
     "lopt.arch",
     "lopt.hidden",
+    "lopt.lstm_hidden",
     "estimator.kind",
     "estimator.pairs",
 )
@@ -297,10 +298,11 @@ def _read_member(group: h5py.Group, templates: Templates, where: str) -> Member:
 
 def check_resumable(saved: dict, config: Config, where: str) -> None:
     """Refuse a config that changes what the checkpoint holds (ConfigError naming the key)."""
-    current = config_to_dict(config)
+    current, defaults = config_to_dict(config), config_to_dict(Config())
     for dotted in FROZEN_KEYS:
         section, key = dotted.split(".")
-        before, after = saved.get(section, {}).get(key), current[section][key]
+        # A key the checkpoint predates had its default value then.
+        before, after = saved.get(section, {}).get(key, defaults[section][key]), current[section][key]
         if before != after:
             raise ConfigError(
                 f"{dotted}: the run in {where} was made with {before!r}, this config says {after!r}; "

@@ -1,4 +1,6 @@
-"""Command line: ``python run.py [options]`` trains (the default command)."""
+"""Command line: ``python run.py [options]`` trains (the default command);
+``python run.py eval`` evaluates a run against Adam; ``python run.py export``
+writes one member as an optimizer file."""
 
 from __future__ import annotations
 
@@ -15,8 +17,17 @@ from selfloop.config import ConfigError, load_config
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run.py", description=__doc__)
+# Command-line options that set a config key (every subcommand reads the ones it has).
+OPTION_KEYS = (
+    ("max_minutes", "run.max_minutes"), ("max_rounds", "run.max_rounds"), ("seed", "run.seed"),
+    ("checkpoint_dir", "run.checkpoint_dir"), ("dashboard", "run.dashboard"), ("workers", "farm.workers"),
+    ("compile_cache", "farm.compile_cache"), ("tasks", "eval.tasks"), ("steps", "eval.steps"),
+)  # fmt: skip
+
+
+def _parser(prog: str, description: str, checkpoint_dir_help: str) -> argparse.ArgumentParser:
+    """A parser with the options every subcommand has: the config, overrides, the run directory."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML config (default: configs/default.toml)")
     parser.add_argument(
         "--set",
@@ -25,9 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override one config value (TOML literal); repeatable",
     )
-    parser.add_argument(
-        "--checkpoint-dir", help="where events, caches and checkpoints go (default: run.checkpoint_dir)"
-    )
+    parser.add_argument("--checkpoint-dir", help=f"{checkpoint_dir_help} (default: run.checkpoint_dir)")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _parser("run.py", __doc__, "where events, caches and checkpoints go")
     parser.add_argument("--max-minutes", type=float, help="stop after this many minutes (default: run.max_minutes)")
     parser.add_argument("--max-rounds", type=int, help="stop after this many rounds (default: run.max_rounds)")
     parser.add_argument("--seed", type=int, help="run seed (default: run.seed)")
@@ -45,13 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> tuple[str, ...]:
     extra = list(args.set)
-    if args.scheduler:
+    if getattr(args, "scheduler", None):
         extra += ["farm.engine='dask'", f"farm.scheduler={args.scheduler!r}"]
-    for option, key in (("max_minutes", "run.max_minutes"), ("max_rounds", "run.max_rounds"),
-                        ("seed", "run.seed"), ("checkpoint_dir", "run.checkpoint_dir"),
-                        ("dashboard", "run.dashboard"), ("workers", "farm.workers"),
-                        ("compile_cache", "farm.compile_cache")):
-        value = getattr(args, option)
+    for option, key in OPTION_KEYS:
+        value = getattr(args, option, None)
         if value is not None:
             extra.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
     return tuple(extra)
@@ -76,12 +87,7 @@ def _previous_run(run_dir: Path) -> list[Path]:
 
 
 def build_export_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="run.py export", description="write one member of a run as an optimizer file for load_optimizer"
-    )
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the run's TOML config")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--checkpoint-dir", help="the run (default: run.checkpoint_dir)")
+    parser = _parser("run.py export", "write one member of a run as an optimizer file for load_optimizer", "the run")
     parser.add_argument("--member", default="best", help="'best' (lowest latest held-out loss) or a member number")
     parser.add_argument("--out", required=True, type=Path, help="the optimizer file to write (.h5)")
     return parser
@@ -89,9 +95,8 @@ def build_export_parser() -> argparse.ArgumentParser:
 
 def export_main(argv: list[str]) -> int:
     args = build_export_parser().parse_args(argv)
-    extra = tuple(args.set) + ((f"run.checkpoint_dir={args.checkpoint_dir!r}",) if args.checkpoint_dir else ())
     try:
-        config = load_config(args.config, extra)
+        config = load_config(args.config, _overrides(args))
         from selfloop.export import export_from_run
 
         member, state = export_from_run(Path(config.run.checkpoint_dir), config, args.member, args.out)
@@ -105,12 +110,8 @@ def export_main(argv: list[str]) -> int:
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="run.py eval", description="every member of a run's newest checkpoint against Adam on held-out tasks"
-    )
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the run's TOML config")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--checkpoint-dir", help="the run (default: run.checkpoint_dir)")
+    parser = _parser("run.py eval", "every member of a run's newest checkpoint against Adam on held-out tasks",
+                     "the run")  # fmt: skip
     parser.add_argument("--tasks", type=int, help="E held-out tasks (default: eval.tasks)")
     parser.add_argument("--steps", type=int, help="T inner steps per task (default: eval.steps)")
     parser.add_argument("--workers", type=int, help="local worker processes (0: all cores)")
@@ -120,14 +121,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
 
 def eval_main(argv: list[str]) -> int:
     args = build_eval_parser().parse_args(argv)
-    extra = list(args.set)
-    for option, key in (("tasks", "eval.tasks"), ("steps", "eval.steps"), ("workers", "farm.workers")):
-        if getattr(args, option) is not None:
-            extra.append(f"{key}={getattr(args, option)}")
-    if args.checkpoint_dir:
-        extra.append(f"run.checkpoint_dir={args.checkpoint_dir!r}")
     try:
-        config = load_config(args.config, tuple(extra))
+        config = load_config(args.config, _overrides(args))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -99,8 +99,11 @@ class PopulationConfig:
 
 @dataclass(frozen=True)
 class LOptConfig:
-    arch: str = one_of(("mlp",), "mlp")
-    hidden: int = positive(32)
+    # "mlp": the per-parameter MLP lopt; "hierarchical": the paper's per-tensor
+    # LSTM feeding a per-parameter MLP (selfloop/lopt/hierarchical.py).
+    arch: str = one_of(("mlp", "hierarchical"), "mlp")
+    hidden: int = positive(32)  # per-parameter MLP width (both architectures)
+    lstm_hidden: int = positive(64)  # hierarchical only: the per-tensor LSTM's width
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,14 @@ def summary(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def within(records: list[dict], minutes: float | None) -> list[dict]:
+    """The records of the first ``minutes`` of run time (all when None): a shorter budget, read
+    from a longer run (stopping a run later does not change its first minutes)."""
+    if minutes is None:
+        return records
+    return [r for r in records if r.get("elapsed", 0.0) <= 60.0 * minutes]
+
+
 @dataclass(frozen=True)
 class Stability:
     """How well a run kept its gains (issue #8's criterion), from its held-out evaluations."""
@@ -116,14 +124,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("events", nargs="?", help="a run's events.jsonl")
     parser.add_argument("--plot", type=Path, help="write the history figure here (needs matplotlib)")
     parser.add_argument("--ablation", nargs="+", metavar="NAME=EVENTS", help="a markdown table over several runs")
+    parser.add_argument("--minutes", type=float, help="read only the first MINUTES of run time of each log")
     args = parser.parse_args(argv)
     if args.ablation:
         runs = dict(item.split("=", 1) for item in args.ablation)
-        print(ablation_table({name: read_events(path) for name, path in runs.items()}))
+        print(ablation_table({name: within(read_events(path), args.minutes) for name, path in runs.items()}))
         return
     if not args.events:
         parser.error("give an events.jsonl or --ablation")
-    records = read_events(args.events)
+    records = within(read_events(args.events), args.minutes)
     print(summary(records))
     evals = [r for r in records if r["kind"] == "eval"]
     if evals:

@@ -121,9 +121,10 @@ def outer_step_fn(lopt: LearnedOptimizer):
     optimizer's time features stay where it learned them."""
 
     @jax.jit
-    def outer_step(outer_theta, theta, gradient, state, max_step_ratio, time_limit) -> OuterStep:
+    def outer_step(outer_theta, theta, gradient, state, meta_loss, max_step_ratio, time_limit) -> OuterStep:
         gradient = jax.tree_util.tree_map(lambda g: jnp.where(jnp.isfinite(g), g, 0.0), gradient)
-        proposed, new_state = lopt.update(outer_theta, theta, gradient, state)
+        # The member's meta-loss is the "training loss" of θ (read by the hierarchical lopt).
+        proposed, new_state = lopt.update(outer_theta, theta, gradient, state, meta_loss)
         new_state = new_state._replace(
             step=jnp.where(time_limit > 0, jnp.minimum(new_state.step, time_limit), new_state.step)
         )
@@ -152,7 +153,7 @@ def _stack(trees: list[Any]) -> Any:
 @functools.cache
 def batched_outer_step_fn(lopt: LearnedOptimizer):
     """``outer_step_fn`` for several members at once (leading axis: member)."""
-    return jax.jit(jax.vmap(outer_step_fn(lopt).__wrapped__, in_axes=(0, 0, 0, 0, None, None)))
+    return jax.jit(jax.vmap(outer_step_fn(lopt).__wrapped__, in_axes=(0, 0, 0, 0, 0, None, None)))
 
 
 def apply_outer_steps(
@@ -172,6 +173,7 @@ def apply_outer_steps(
         _stack([members[i].theta for i in updated]),
         _stack([mean_gradient(gradients[i]) for i in updated]),
         _stack([members[i].outer_state for i in updated]),
+        np.asarray([members[i].meta_loss for i in updated], np.float32),
         jnp.float32(max_step_ratio),
         jnp.int32(time_limit),
     )

@@ -26,7 +26,7 @@ from selfloop.tasks.base import TaskSpec
 
 
 class InnerOptimizer(NamedTuple):
-    """``init_state(params)`` and ``update(hyper, params, grads, state)``."""
+    """``init_state(params)`` and ``update(hyper, params, grads, state, loss)``."""
 
     init_state: Callable[[Any], Any]
     update: Callable[[Any, Any, Any, Any], tuple[Any, Any]]
@@ -93,7 +93,7 @@ class TaskProgram:
     def _advance_impl(self, num_steps, hypers, inners, episode, seed, dyn, data):
         def one_member(hyper, inner, key):
             loss, grads = jax.value_and_grad(lambda p: self._loss(dyn, data, episode.consts, p, key))(inner.params)
-            params, opt_state = self.optimizer.update(hyper, inner.params, grads, inner.opt_state)
+            params, opt_state = self.optimizer.update(hyper, inner.params, grads, inner.opt_state, loss)
             return InnerState(params, opt_state), loss
 
         def step(carry, _):

@@ -23,6 +23,7 @@ def test_paper_config_has_the_papers_sizes():
     config = load_config(REPO / "configs" / "paper.toml")
     assert config.population.size == 10
     assert config.population.truncations == (200, 300, 400, 800)
+    assert config.lopt.arch == "hierarchical" and config.lopt.lstm_hidden == 64
     assert config.pbt.tasks == 100 and config.eval.tasks == 100 and config.eval.steps == 10_000
     assert config.pbt.p_outer_redraw == 0.5 and config.pbt.p_truncation_redraw == 0.1
 

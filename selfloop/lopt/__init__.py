@@ -5,11 +5,15 @@ from __future__ import annotations
 import functools
 
 from selfloop.lopt.base import LearnedOptimizer
+from selfloop.lopt.hierarchical import HierarchicalConfig, make_hierarchical_lopt
 from selfloop.lopt.mlp import MLPLOptConfig, make_mlp_lopt
 
 # Architecture name (the config's ``lopt.arch``) -> factory from the lopt config.
 LOPT_ARCHITECTURES = {
     "mlp": lambda cfg: make_mlp_lopt(MLPLOptConfig(hidden=cfg.hidden)),
+    "hierarchical": lambda cfg: make_hierarchical_lopt(
+        HierarchicalConfig(lstm_hidden=cfg.lstm_hidden, mlp_hidden=cfg.hidden)
+    ),
 }
 
 

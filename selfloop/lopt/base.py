@@ -26,12 +26,15 @@ class LearnedOptimizer(NamedTuple):
     Attributes:
       init_theta: ``key -> theta``: a random initialization of the lopt weights.
       init_state: ``params -> state``: the per-weight state for a new model.
-      update: ``(theta, params, grads, state) -> (params, state)``: one step.
+      update: ``(theta, params, grads, state, loss=None) -> (params, state)``:
+        one step; ``loss`` is the training loss at ``params`` (architectures
+        that read it treat None or NaN as unknown). The state has a ``step``
+        field: the count of updates applied, read by the time features.
     """
 
     init_theta: Callable[[jax.Array], Theta]
     init_state: Callable[[Params], LOptState]
-    update: Callable[[Theta, Params, Params, LOptState], tuple[Params, LOptState]]
+    update: Callable[..., tuple[Params, LOptState]]
 
 
 def normalize_per_tensor(x: jax.Array, eps: float = 1e-5) -> jax.Array:

@@ -115,5 +115,6 @@ def make_mlp_lopt(config: MLPLOptConfig = MLPLOptConfig()) -> LearnedOptimizer:
     return LearnedOptimizer(
         init_theta=lambda key: init_theta(config, key),
         init_state=init_state,
-        update=lambda theta, params, grads, state: update(config, theta, params, grads, state),
+        # The MLP lopt reads no loss; ``loss`` is accepted for the common interface.
+        update=lambda theta, params, grads, state, loss=None: update(config, theta, params, grads, state),
     )
