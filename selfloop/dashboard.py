@@ -137,7 +137,7 @@ def apply(state: DashboardState, record: dict, now: float | None = None) -> None
         state.status = record["message"]
     elif kind == "end":
         state.status = f"finished ({record.get('reason', 'budget')})"
-    if kind in ("pbt", "pbt_skipped", "rollback", "unit_failed", "checkpoint_skipped", "eval_failed"):
+    if kind in ("pbt", "pbt_skipped", "rollback", "rejected", "unit_failed", "checkpoint_skipped", "eval_failed"):
         line = format_record(record)
         if line is not None:
             state.events.append(line)
@@ -228,7 +228,7 @@ def render(state: DashboardState, in_flight: int = 0, now: float | None = None) 
     return Group(
         Panel(header, padding=(0, 1)),
         Panel(member_table(state), title="members (held-out mean normalized loss; lower is better)"),
-        Panel(events, title="recent PBT and guard events", height=EVENTS_SHOWN + 2),
+        Panel(events, title="recent PBT events, rollbacks and rejected steps", height=EVENTS_SHOWN + 2),
         Panel(health, title="throughput and health"),
     )
 

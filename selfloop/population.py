@@ -162,12 +162,12 @@ def apply_outer_steps(
     lopt: LearnedOptimizer,
     max_step_ratio: float,
     time_limit: int = 0,
-) -> list[OuterStep]:
+) -> dict[int, OuterStep]:
     """Update every member that has gradients, all from the same snapshot of
     the population (θ_{o(i)} as it was at the start of the round), in one call."""
     updated = [i for i in range(len(members)) if gradients.get(i)]
     if not updated:
-        return []
+        return {}
     result = batched_outer_step_fn(lopt)(
         _stack([members[members[i].outer_index].theta for i in updated]),
         _stack([members[i].theta for i in updated]),
@@ -178,7 +178,7 @@ def apply_outer_steps(
         jnp.int32(time_limit),
     )
     result = jax.device_get(result)  # one transfer; members then hold numpy views
-    steps = []
+    steps = {}
     for k, i in enumerate(updated):
         step = jax.tree_util.tree_map(lambda x, k=k: x[k], result)
         members[i].theta, members[i].outer_state = step.theta, step.state
@@ -186,7 +186,7 @@ def apply_outer_steps(
             members[i].steps += 1
         else:
             members[i].rejected_steps += 1
-        steps.append(step)
+        steps[i] = step
     return steps
 
 

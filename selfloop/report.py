@@ -42,6 +42,8 @@ def format_record(record: dict) -> str | None:
             f"guard round {record['round']:5d}  m{record['member']} diverged (smoothed meta-loss {record['ema']:.3f}, "
             f"best {record['best_ema']:.3f}): rolled back to its best snapshot, now trained by m{record['outer_index']}"
         )
+    if kind == "rejected":
+        return f"rail  round {record['round']:5d}  m{record['member']} outer step rejected: {record['reason']}"
     if kind == "unit_failed":
         return (
             f"farm  round {record['round']:5d}  unit m{record['member']}/slot {record['slot']} failed "

@@ -214,6 +214,10 @@ class Trainer:
             self.config.population.max_step_ratio,
             outer_time_limit(self.config),
         )
+        for i, step in steps.items():
+            if not bool(step.accepted):
+                self.log({"kind": "rejected", "round": state.round, "member": i,
+                          "reason": "the outer step would have made θ or its state non-finite; θ kept"})
         state.round += 1
         self.log({
             "kind": "round", "round": state.round, "elapsed": time.time() - started,
@@ -222,9 +226,9 @@ class Trainer:
             "truncation": [m.truncation for m in state.members],
             "steps": [m.steps for m in state.members],
             "age": [m.steps - m.last_exploit_step for m in state.members],  # outer steps since last copied
-            "rejected": int(sum(not bool(s.accepted) for s in steps)),
+            "rejected": int(sum(not bool(s.accepted) for s in steps.values())),
             "meta_loss_ema": [m.guard.ema for m in state.members],
-            "shortened": int(sum(bool(s.shortened) for s in steps)),
+            "shortened": int(sum(bool(s.shortened) for s in steps.values())),
             "replaced_tasks": int(sum(r.replaced for r in results)),
             "failed_units": len(state.members) * self.config.population.tasks_per_member - len(results),
             "inner_steps": state.inner_steps,

@@ -56,3 +56,35 @@ def test_diverged_member_is_rolled_back_without_spreading(smoke_config, tmp_path
     for i, member in enumerate(state.members):
         if i != victim:  # the members it trained did not catch it
             assert np.abs(np.asarray(member.theta["layer2"]["b"])).max() < 10
+
+
+def test_member_with_weights_scaled_by_1e6_is_rolled_back_and_its_trainees_stay_sound(smoke_config, tmp_path):
+    """Issue #8: a member whose θ is scaled by 1e6 is detected and rolled back,
+    and the member it trains meanwhile neither goes non-finite nor moves more
+    than the step rail allows."""
+    guard = GuardConfig(smoothing=0.5, margin=0.05, min_gain=0.0)
+    config = dataclasses.replace(smoke_config, guard=guard)
+    records = []
+    trainer = Trainer(config, tmp_path, report=records.append)
+    state = trainer.new_state()
+    for _ in range(3):
+        trainer.run_round(state, 0.0)
+    victim = min(range(len(state.members)), key=lambda i: state.members[i].guard.best_ema)
+    trainee = (victim + 1) % len(state.members)
+    state.members[trainee].outer_index = victim  # the victim trains this member while it is broken
+    before_theta = state.members[victim].theta
+    state.members[victim].theta = jax.tree_util.tree_map(lambda x: np.asarray(x) * 1e6, before_theta)
+    trainee_start = jax.tree_util.tree_map(np.array, state.members[trainee].theta)
+    rounds = 0
+    while not any(r["kind"] == "rollback" and r["member"] == victim for r in records):
+        assert rounds < 20, "the diverged member was never rolled back"
+        trainer.run_round(state, 0.0)
+        rounds += 1
+    assert all(r["member"] == victim for r in records if r["kind"] == "rollback")
+    restored = state.members[victim]
+    assert max(np.abs(np.asarray(x)).max() for x in jax.tree_util.tree_leaves(restored.theta)) < 1e3
+    moved = jax.tree_util.tree_map(lambda a, b: np.asarray(a) - b, state.members[trainee].theta, trainee_start)
+    norm = lambda tree: np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree_util.tree_leaves(tree)))  # noqa: E731
+    assert np.isfinite(norm(state.members[trainee].theta))
+    # Each round moves θ by at most max_step_ratio of its norm (compounded).
+    assert norm(moved) <= ((1 + config.population.max_step_ratio) ** rounds - 1) * norm(trainee_start) * 1.001
