@@ -10,6 +10,7 @@ be killed at any moment and restarted on any node that sees the directory:
   /members/NNN/outer_state/...   the outer optimizer's per-weight state for θ (momenta, step)
   /members/NNN/history     held-out scores so far
   /members/NNN/guard       attrs: smoothed meta-loss and its best; best_theta/, best_outer_state/
+  /champion                the PBT champion (best snapshot seen): attrs, theta/, outer_state/
   /members/NNN/slots/S     attrs: the inner task (family, bucket, seed, settings);
                            state/...: the persistent inner problem exactly as the next unit gets it
                            (episode constants and counters, the ES/PES particles' weights and
@@ -50,6 +51,7 @@ from selfloop.config import Config, ConfigError, config_to_dict
 from selfloop.estimators import new_slot
 from selfloop.guard import GuardState
 from selfloop.lopt import make_lopt
+from selfloop.pbt import Champion
 from selfloop.population import Member, RunState, Slot, context_for
 from selfloop.tasks.base import TaskSpec
 
@@ -81,6 +83,7 @@ CONTROLLER_FIELDS = (
     "elapsed",
     "first_best",
 )
+CHAMPION_FIELDS = ("outer_index", "truncation", "steps", "source", "round")
 MEMBER_FIELDS = ("outer_index", "truncation", "steps", "last_exploit_step", "meta_loss", "last_event",
                  "rejected_steps")
 
@@ -187,6 +190,14 @@ def _write_member(group: h5py.Group, member: Member) -> None:
         write_tree(sg, "state", slot.state, "episode (constants, step, horizon, initial loss), particles, accumulator")
 
 
+def _write_champion(group: h5py.Group, champion: Champion) -> None:
+    group.attrs["description"] = "PBT champion: the best snapshot seen, judged head to head in tournaments"
+    for name in CHAMPION_FIELDS:
+        group.attrs[name] = getattr(champion, name)
+    write_tree(group, "theta", champion.theta, "the champion's learned-optimizer weights θ")
+    write_tree(group, "outer_state", champion.outer_state, "its outer optimizer's state for θ")
+
+
 def write_checkpoint(run_dir: Path, state: RunState, config: Config) -> Path:
     """Write ``state`` crash-safe as ``checkpoint-<round>.h5``; returns its path."""
     final = checkpoint_path(run_dir, state.round)
@@ -212,6 +223,8 @@ def write_checkpoint(run_dir: Path, state: RunState, config: Config) -> Path:
         members.attrs["description"] = "population members, numbered as in the event log"
         for i, member in enumerate(state.members):
             _write_member(members.create_group(f"{i:03d}"), member)
+        if state.champion is not None:
+            _write_champion(handle.create_group("champion"), state.champion)
         handle.flush()
         os.fsync(handle.id.get_vfd_handle())
     os.replace(temporary, final)
@@ -329,9 +342,17 @@ def read_checkpoint(path: Path, config: Config) -> RunState:
                 if f"{i:03d}" not in members_group:
                     raise CheckpointError(f"{where}: missing group /members/{i:03d}")
                 members.append(_read_member(members_group[f"{i:03d}"], templates, where))
+            champion = None
+            if "champion" in handle:
+                group = handle["champion"]
+                champion = Champion(
+                    theta=read_tree(group, "theta", templates.theta, where),
+                    outer_state=read_tree(group, "outer_state", templates.outer_state, where),
+                    **{name: int(group.attrs[name]) for name in CHAMPION_FIELDS},
+                )
     except (OSError, KeyError) as error:
         raise CheckpointError(f"{where}: unreadable ({error})") from None
-    return RunState(members=members, pbt_rng=rng, resumed_from=values["round"], **values)
+    return RunState(members=members, pbt_rng=rng, resumed_from=values["round"], champion=champion, **values)
 
 
 def load_latest(run_dir: Path, config: Config, on_skip: Callable[[Path, str], None]) -> tuple[RunState, Path] | None:

@@ -131,6 +131,9 @@ class PBTConfig:
     chunk: int = positive(500)
     p_outer_redraw: float = probability(0.5)
     p_truncation_redraw: float = probability(0.1)
+    # Keep the best snapshot seen as a champion that competes in every
+    # tournament and that losers copy when it beats the winner (selfloop/pbt.py).
+    champion: bool = True
 
 
 @dataclass(frozen=True)

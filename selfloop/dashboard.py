@@ -124,7 +124,8 @@ def apply(state: DashboardState, record: dict, now: float | None = None) -> None
         state.ensure_members(max(record["winner"], record["loser"]) + 1)
         loser = state.members[record["loser"]]
         loser.age = 0
-        loser.last_event = f"copied m{record['winner']} @r{record['round']}"
+        source = "champion" if record.get("source") == "champion" else f"m{record['winner']}"
+        loser.last_event = f"copied {source} @r{record['round']}"
     elif kind == "pbt_skipped":
         state.last_pbt = (state.elapsed, record["round"])
     elif kind == "rollback":

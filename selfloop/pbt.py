@@ -6,6 +6,14 @@ index and outer-optimizer state (exploit); then with p = 0.5 its outer optimizer
 is redrawn uniformly from the population and with p = 0.1 its truncation length
 is redrawn (explore). A member with non-finite weights always loses and is never
 copied. The held-out evaluation set is never used here.
+
+The champion (``pbt.champion``, issue #8): an archive of the best snapshot seen
+(θ, outer-optimizer index and state, K), judged head to head. It is scored in
+every tournament on the same tasks as the pair; the loser copies it instead of
+the winner when it beats the winner, and the winner replaces it when the winner
+beats it. A population that has collapsed can thus always recover what it once
+reached, and the champion changes only by losing on the training distribution.
+Another rail, not an update rule: it only ever holds weights lopts produced.
 """
 
 from __future__ import annotations
@@ -13,11 +21,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
 from selfloop.config import Config
 from selfloop.curves import CurveUnit, run_curve_unit, stack_thetas
+from selfloop.guard import GuardState
 from selfloop.population import Member, is_finite_member
 from selfloop.tasks.normalize import ratio_to_initial
 from selfloop.tasks.sampler import sample_training_task
@@ -38,12 +48,33 @@ class PBTEvent:
     outer_index: int  # the loser's outer optimizer after the event
     truncation_redrawn: bool
     truncation: int  # the loser's K after the event
+    source: str = "winner"  # what the loser copied: "winner" or "champion"
+    champion_score: float = float("nan")  # the champion's score on the same tasks (nan: none yet)
+    champion_replaced: bool = False  # the winner beat the champion and became it
 
     def as_record(self) -> dict:
         return {"kind": "pbt", **asdict(self)}
 
 
 COPIED = ("theta", "outer_index", "outer_state")
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The best snapshot seen (judged head to head in tournaments)."""
+
+    theta: Any
+    outer_state: Any
+    outer_index: int
+    truncation: int
+    steps: int
+    source: int  # the member it was taken from
+    round: int  # when
+
+
+def crown(member: Member, index: int, round_index: int) -> Champion:
+    return Champion(member.theta, member.outer_state, member.outer_index, member.truncation, member.steps, index,
+                    round_index)  # fmt: skip
 
 
 def tournament_tasks(config: Config, event_index: int):
@@ -84,6 +115,15 @@ def exploit(members: list[Member], winner: int, loser: int) -> None:
     target.guard = dataclasses.replace(source.guard)  # the lineage's history comes along
 
 
+def restore_champion(members: list[Member], champion: Champion, loser: int) -> None:
+    """The loser takes the champion's θ, outer-optimizer index, state and K."""
+    target = members[loser]
+    target.theta, target.outer_state = champion.theta, champion.outer_state
+    target.outer_index, target.truncation = champion.outer_index, champion.truncation
+    target.steps = target.last_exploit_step = champion.steps
+    target.guard = GuardState()  # a new history: the snapshot must earn its guard again
+
+
 def explore(
     rng: np.random.Generator,
     member: Member,
@@ -109,19 +149,30 @@ def tournament(
     rng: np.random.Generator,
     event_index: int,
     round_index: int,
-) -> PBTEvent | None:
-    """Run one tournament; ``None`` when neither member may be copied.
+    champion: Champion | None = None,
+) -> tuple[PBTEvent | None, Champion | None]:
+    """Run one tournament; returns its event (``None`` when neither member may
+    be copied) and the champion after it (``None`` while ``pbt.champion`` is off).
 
     ``map_fn(fn, items)`` runs the scoring units (a farm's ``map``).
     """
     a, b = (int(i) for i in rng.choice(len(members), size=2, replace=False))
     specs = tournament_tasks(config, event_index)
-    scores = score_members(map_fn, config, [members[a], members[b]], specs)
-    if not np.isfinite(scores).any():
-        return None
+    contestants = [members[a], members[b]] + ([champion] if champion is not None else [])
+    scores = score_members(map_fn, config, contestants, specs)
+    if not np.isfinite(scores[:2]).any():
+        return None, champion
     winner, loser = (a, b) if scores[0] <= scores[1] else (b, a)
     winner_score, loser_score = (scores[0], scores[1]) if winner == a else (scores[1], scores[0])
-    exploit(members, winner, loser)
+    champion_score = float(scores[2]) if champion is not None else float("nan")
+    from_champion = champion is not None and champion_score < winner_score
+    if from_champion:
+        restore_champion(members, champion, loser)
+    else:
+        exploit(members, winner, loser)
+    replaced = config.pbt.champion and not from_champion and not (champion_score <= winner_score)
+    if replaced:
+        champion = crown(members[winner], winner, round_index)
     outer_redrawn, truncation_redrawn = explore(
         rng,
         members[loser],
@@ -130,7 +181,7 @@ def tournament(
         config.pbt.p_outer_redraw,
         config.pbt.p_truncation_redraw,
     )
-    members[loser].last_event = f"copied m{winner} @r{round_index}"
+    members[loser].last_event = f"copied {'champion' if from_champion else f'm{winner}'} @r{round_index}"
     return PBTEvent(
         time=time.time(),
         round=round_index,
@@ -143,4 +194,7 @@ def tournament(
         outer_index=members[loser].outer_index,
         truncation_redrawn=truncation_redrawn,
         truncation=members[loser].truncation,
-    )
+        source="champion" if from_champion else "winner",
+        champion_score=champion_score,
+        champion_replaced=replaced,
+    ), champion

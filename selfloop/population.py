@@ -71,6 +71,7 @@ class RunState:
     elapsed: float = 0.0
     first_best: float = float("nan")  # best held-out score of the random population
     resumed_from: int | None = None  # round of the checkpoint this session started from
+    champion: Any = None  # pbt.Champion: the best snapshot seen (None until the first tournament)
 
 
 class OuterStep(NamedTuple):

@@ -32,9 +32,15 @@ def format_record(record: dict) -> str | None:
             changes.append(f"outer->m{record['outer_index']}")
         if record["truncation_redrawn"]:
             changes.append(f"K->{record['truncation']}")
+        source = "the champion" if record.get("source") == "champion" else f"m{record['winner']}"
+        champion = record.get("champion_score", float("nan"))
+        if champion == champion:  # not nan
+            changes.append(f"champion {champion:.3f}" + (" replaced" if record.get("champion_replaced") else ""))
+        elif record.get("champion_replaced"):
+            changes.append("first champion")
         return (
             f"pbt   round {record['round']:5d}  m{record['winner']} ({record['winner_score']:.3f}) beat "
-            f"m{record['loser']} ({record['loser_score']:.3f}): copied {', '.join(record['copied'])}"
+            f"m{record['loser']} ({record['loser_score']:.3f}): copied {source}"
             + (f"; {'; '.join(changes)}" if changes else "")
         )
     if kind == "rollback":

@@ -242,8 +242,8 @@ class Trainer:
                     cfg.interval_rounds):
             return
         try:
-            event = tournament(state.members, self.farm.map, self.config, state.pbt_rng, state.pbt_events,
-                               state.round)
+            event, state.champion = tournament(state.members, self.farm.map, self.config, state.pbt_rng,
+                                               state.pbt_events, state.round, state.champion)
             reason = "no finite member in the pair"
         except ScoringFailed as error:
             event, reason = None, str(error)[-2000:]

@@ -72,6 +72,9 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(smoke_config, 
     assert uninterrupted.pbt_events == state.pbt_events
     assert uninterrupted.pbt_rng.bit_generator.state == state.pbt_rng.bit_generator.state
     assert any(m.steps > 0 for m in state.members)
+    assert state.champion is not None and state.champion.round == uninterrupted.champion.round
+    for x, y in zip(_leaves(state.champion.theta), _leaves(uninterrupted.champion.theta)):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_checkpoint_is_self_describing_and_keeps_the_newest(smoke_config, tmp_path):

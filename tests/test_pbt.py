@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from selfloop.farm import InProcessFarm
-from selfloop.pbt import COPIED, exploit, explore, tournament
+from selfloop.pbt import COPIED, crown, exploit, explore, tournament
 from selfloop.population import init_population
 
 
@@ -55,8 +55,10 @@ def test_tournament_loser_takes_winner(smoke_config):
     )
     members = init_population(config)
     before = [m.theta for m in members]
-    event = tournament(members, InProcessFarm().map, config, np.random.default_rng(0), event_index=0, round_index=5)
+    event, champion = tournament(members, InProcessFarm().map, config, np.random.default_rng(0), event_index=0,
+                                 round_index=5)  # fmt: skip
     assert event is not None and event.winner != event.loser
+    assert event.source == "winner" and event.champion_replaced and champion.source == event.winner
     assert event.winner_score <= event.loser_score
     for a, b in zip(
         jax.tree_util.tree_leaves(members[event.loser].theta), jax.tree_util.tree_leaves(before[event.winner])
@@ -69,8 +71,10 @@ def test_non_finite_member_is_never_copied(smoke_config):
     members = init_population(smoke_config)
     members[2].theta = jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), members[2].theta)
     rng = np.random.default_rng(1)
+    champion = None
     for event_index in range(50):
-        event = tournament(members, InProcessFarm().map, smoke_config, rng, event_index, event_index)
+        event, champion = tournament(members, InProcessFarm().map, smoke_config, rng, event_index, event_index,
+                                     champion)  # fmt: skip
         for i, member in enumerate(members):
             if i != 2 or event is not None and event.loser == 2:
                 assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(member.theta))
@@ -79,3 +83,39 @@ def test_non_finite_member_is_never_copied(smoke_config):
             assert event.loser == 2 and np.isinf(event.loser_score)
             return
     raise AssertionError("member 2 was never drawn")
+
+
+def _scaled(theta, factor):
+    return jax.tree_util.tree_map(lambda x: np.asarray(x) * factor, theta)
+
+
+def test_a_collapsed_pair_copies_the_champion_and_a_better_winner_replaces_it(smoke_config):
+    config = dataclasses.replace(
+        smoke_config, pbt=dataclasses.replace(smoke_config.pbt, p_outer_redraw=0.0, p_truncation_redraw=0.0)
+    )
+    members = init_population(config)
+    champion = crown(members[0], 0, round_index=3)
+    for member in members:  # every member collapses: exploding steps on every task
+        member.theta = _scaled(member.theta, 1e6)
+    event, after = tournament(members, InProcessFarm().map, config, np.random.default_rng(0), 0, 10, champion)
+    assert event.source == "champion" and event.champion_score < event.winner_score
+    assert after is champion and not event.champion_replaced
+    for a, b in zip(jax.tree_util.tree_leaves(members[event.loser].theta), jax.tree_util.tree_leaves(champion.theta)):
+        np.testing.assert_array_equal(a, b)
+    assert members[event.loser].outer_index == champion.outer_index
+
+    # A champion that itself explodes loses to any sound winner and is replaced by it.
+    sound = init_population(config)
+    bad = crown(sound[1], 1, round_index=3)
+    bad = dataclasses.replace(bad, theta=_scaled(bad.theta, 1e6))
+    event, after = tournament(sound, InProcessFarm().map, config, np.random.default_rng(0), 0, 10, bad)
+    assert event.source == "winner" and event.champion_replaced and after.source == event.winner
+    for a, b in zip(jax.tree_util.tree_leaves(after.theta), jax.tree_util.tree_leaves(sound[event.winner].theta)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_without_the_champion_setting_no_champion_is_kept(smoke_config):
+    config = dataclasses.replace(smoke_config, pbt=dataclasses.replace(smoke_config.pbt, champion=False))
+    members = init_population(config)
+    event, champion = tournament(members, InProcessFarm().map, config, np.random.default_rng(0), 0, 1)
+    assert champion is None and not event.champion_replaced and event.source == "winner"
