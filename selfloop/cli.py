@@ -88,7 +88,10 @@ def _previous_run(run_dir: Path) -> list[Path]:
 
 def build_export_parser() -> argparse.ArgumentParser:
     parser = _parser("run.py export", "write one member of a run as an optimizer file for load_optimizer", "the run")
-    parser.add_argument("--member", default="best", help="'best' (lowest latest held-out loss) or a member number")
+    parser.add_argument(
+        "--member", default="best",
+        help="'best' (lowest latest held-out loss), 'champion' (PBT's best snapshot) or a member number",
+    )  # fmt: skip
     parser.add_argument("--out", required=True, type=Path, help="the optimizer file to write (.h5)")
     return parser
 
@@ -103,6 +106,10 @@ def export_main(argv: list[str]) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if member == "champion":
+        print(f"exported the PBT champion (from m{state.champion.source} at round {state.champion.round}) of "
+              f"{config.run.checkpoint_dir} to {args.out}")
+        return 0
     score = state.members[member].history[-1] if state.members[member].history else float("nan")
     print(f"exported member m{member} of {config.run.checkpoint_dir} at round {state.round} "
           f"(latest held-out normalized loss {score:.3f}) to {args.out}")
@@ -145,7 +152,9 @@ def eval_main(argv: list[str]) -> int:
         return 2
     state, path = found
     cfg = config.eval
-    specs = heldout_tasks(cfg.tasks, config.tasks.families, cfg.seed)
+    # A second held-out set (seed eval.seed + 1): the run's own evaluations, and with them
+    # `export --member best`, chose among members on the first, so report on fresh instances.
+    specs = heldout_tasks(cfg.tasks, config.tasks.families, cfg.seed + 1)
     out = args.out or run_dir / f"eval-r{state.round}-E{cfg.tasks}-T{cfg.steps}"
     print(f"evaluating {len(state.members)} members of {path} on {cfg.tasks} held-out tasks x {cfg.steps} steps, "
           f"with Adam at 15 rates on the same tasks (cached in {run_dir})", flush=True)

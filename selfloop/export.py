@@ -36,6 +36,8 @@ PRETRAINED = Path(__file__).resolve().parent / "pretrained"
 
 def choose_member(state: RunState, which: str) -> int:
     """``best``: the member with the lowest latest held-out score; or a member number."""
+    if which == "champion":
+        raise ConfigError("--member champion is not a member number (export_from_run handles it)")
     if which != "best":
         index = int(which)
         if not 0 <= index < len(state.members):
@@ -47,9 +49,17 @@ def choose_member(state: RunState, which: str) -> int:
     return min(range(len(scores)), key=scores.__getitem__)
 
 
-def export_member(state: RunState, config: Config, member: int, out: Path, source: str) -> None:
-    """Write member ``member``'s θ and lopt settings to ``out`` (h5)."""
-    chosen = state.members[member]
+def export_member(state: RunState, config: Config, member: int | str, out: Path, source: str) -> None:
+    """Write member ``member``'s θ (or, for "champion", the PBT champion's) and lopt settings to ``out`` (h5)."""
+    if member == "champion":
+        if state.champion is None:
+            raise ConfigError("--member champion: this checkpoint has no PBT champion (pbt.champion off, "
+                              "or no tournament yet)")
+        chosen = state.champion
+        history = []
+    else:
+        chosen = state.members[member]
+        history = chosen.history
     out.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(out, "w", locking=False) as handle:
         handle.attrs["format"] = FORMAT
@@ -59,17 +69,17 @@ def export_member(state: RunState, config: Config, member: int, out: Path, sourc
         )
         handle.attrs["lopt_json"] = json.dumps(config_to_dict(config)["lopt"])
         handle.attrs["source"], handle.attrs["member"], handle.attrs["round"] = source, member, state.round
-        handle.attrs["heldout_history"] = np.asarray(chosen.history, np.float64)
+        handle.attrs["heldout_history"] = np.asarray(history, np.float64)
         write_tree(handle, "theta", chosen.theta, "the learned optimizer's weights θ")
 
 
-def export_from_run(run_dir: Path, config: Config, which: str, out: Path) -> tuple[int, RunState]:
+def export_from_run(run_dir: Path, config: Config, which: str, out: Path) -> tuple[int | str, RunState]:
     """Export from the newest readable checkpoint of ``run_dir``; returns (member, state)."""
     found = load_latest(run_dir, config, on_skip=lambda path, error: print(f"warning: skipping {error}"))
     if found is None:
         raise ConfigError(f"{run_dir}: no readable checkpoint to export from")
     state, path = found
-    member = choose_member(state, which)
+    member = "champion" if which == "champion" else choose_member(state, which)
     export_member(state, config, member, out, source=str(path))
     return member, state
 

@@ -13,6 +13,7 @@ import pytest
 import selfloop
 from selfloop.config import ConfigError
 from selfloop.export import PRETRAINED, choose_member, export_member, load_theta
+from selfloop.pbt import crown
 from selfloop.train import Trainer
 
 
@@ -55,6 +56,13 @@ def test_export_round_trips_the_members_weights(smoke_config, tmp_path):
     assert choose_member(state, "best") == 2 and choose_member(state, "1") == 1
     with pytest.raises(ConfigError, match="--member"):
         choose_member(state, "9")
+    with pytest.raises(ConfigError, match="no PBT champion"):
+        export_member(state, smoke_config, "champion", tmp_path / "none.h5", source="test")
+    state.champion = crown(state.members[3], 3, round_index=1)
+    export_member(state, smoke_config, "champion", tmp_path / "champion.h5", source="test")
+    _, champion_theta = load_theta(tmp_path / "champion.h5")
+    for a, b in zip(jax.tree_util.tree_leaves(champion_theta), jax.tree_util.tree_leaves(state.members[3].theta)):
+        np.testing.assert_array_equal(a, b)
     export_member(state, smoke_config, 2, tmp_path / "opt.h5", source="test")
     lopt_config, theta = load_theta(tmp_path / "opt.h5")
     assert lopt_config == smoke_config.lopt
