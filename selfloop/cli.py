@@ -123,6 +123,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="T inner steps per task (default: eval.steps)")
     parser.add_argument("--workers", type=int, help="local worker processes (0: all cores)")
     parser.add_argument("--out", type=Path, help="output folder (default: <checkpoint-dir>/eval-r<round>-E<E>-T<T>)")
+    parser.add_argument("--optimizer", type=Path, action="append",
+                        help="evaluate this exported optimizer file instead of the checkpoint's members; repeatable")
     return parser
 
 
@@ -138,34 +140,47 @@ def eval_main(argv: list[str]) -> int:
     configure_jax(config.farm.compile_cache or None)
     from selfloop.checkpoint import load_latest
     from selfloop.farm import make_farm
-    from selfloop.report_eval import evaluate_checkpoint, format_table, write_outputs
+    from selfloop.report_eval import evaluate_lopts, format_table, write_outputs
     from selfloop.tasks.sampler import heldout_tasks
 
     run_dir = Path(config.run.checkpoint_dir)
-    try:
-        found = load_latest(run_dir, config, lambda path, error: print(f"warning: skipping {error}", file=sys.stderr))
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if found is None:
-        print(f"error: {run_dir}: no readable checkpoint to evaluate", file=sys.stderr)
-        return 2
-    state, path = found
     cfg = config.eval
     # A second held-out set (seed eval.seed + 1): the run's own evaluations, and with them
     # `export --member best`, chose among members on the first, so report on fresh instances.
     specs = heldout_tasks(cfg.tasks, config.tasks.families, cfg.seed + 1)
-    out = args.out or run_dir / f"eval-r{state.round}-E{cfg.tasks}-T{cfg.steps}"
-    print(f"evaluating {len(state.members)} members of {path} on {cfg.tasks} held-out tasks x {cfg.steps} steps, "
-          f"with Adam at 15 rates on the same tasks (cached in {run_dir})", flush=True)
+    if args.optimizer:
+        from selfloop.export import load_theta
+
+        loaded = {path.stem: load_theta(path) for path in args.optimizer}
+        if len({lopt for lopt, _ in loaded.values()}) != 1:
+            print("error: --optimizer files of different architectures cannot be batched", file=sys.stderr)
+            return 2
+        lopt_config = next(iter(loaded.values()))[0]
+        thetas, source, label = {name: theta for name, (_, theta) in loaded.items()}, ", ".join(loaded), "optimizers"
+    else:
+        try:
+            found = load_latest(run_dir, config, lambda path, error: print(f"warning: skipping {error}",
+                                                                           file=sys.stderr))  # fmt: skip
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        if found is None:
+            print(f"error: {run_dir}: no readable checkpoint to evaluate", file=sys.stderr)
+            return 2
+        state, path = found
+        lopt_config, source, label = config.lopt, str(path), f"r{state.round}"
+        thetas = {f"m{i}": m.theta for i, m in enumerate(state.members)}
+    out = args.out or run_dir / f"eval-{label}-E{cfg.tasks}-T{cfg.steps}"
+    print(f"evaluating {len(thetas)} learned optimizers of {source} on {cfg.tasks} held-out tasks x {cfg.steps} "
+          f"steps, with Adam at 15 rates on the same tasks (cached in {run_dir})", flush=True)
     farm = make_farm(config.farm, run_dir)
     try:
-        curves, table = evaluate_checkpoint(state, config, specs, cfg.steps, cfg.chunk, farm.map, run_dir)
+        curves, table = evaluate_lopts(thetas, lopt_config, specs, cfg.steps, cfg.chunk, farm.map, run_dir)
     finally:
         farm.close()
-    title = f"{config.run.name}, round {state.round}: {cfg.tasks} held-out tasks x {cfg.steps} steps"
-    about = {"checkpoint": str(path), "round": state.round, "tasks": [s.describe() for s in specs],
-             "steps": cfg.steps, "title": title}
+    title = f"{config.run.name}, {label}: {cfg.tasks} held-out tasks x {cfg.steps} steps"
+    about = {"source": source, "label": label, "tasks": [s.describe() for s in specs], "steps": cfg.steps,
+             "title": title}
     files = write_outputs(out, curves, table, about)
     print(format_table(table))
     print("wrote " + ", ".join(str(f) for f in files))

@@ -189,7 +189,7 @@ def tournament(
         loser=loser,
         winner_score=float(winner_score),
         loser_score=float(loser_score),
-        copied=COPIED,
+        copied=COPIED + (("truncation",) if from_champion else ()),
         outer_redrawn=outer_redrawn,
         outer_index=members[loser].outer_index,
         truncation_redrawn=truncation_redrawn,

@@ -51,12 +51,13 @@ def speedup(curve: np.ndarray, envelope: np.ndarray) -> float:
     return max(first_step_at_or_below(envelope, level), 1) / max(first_step_at_or_below(curve, level), 1)
 
 
-def collect_curves(member_curves: list[np.ndarray], reference: AdamReference, learning_rates) -> Curves:
-    """Normalize members' and Adam's raw curves per task; add per-task tuned Adam."""
+def collect_curves(member_curves: list[np.ndarray], reference: AdamReference, learning_rates,
+                   names: list[str]) -> Curves:  # fmt: skip
+    """Normalize the lopts' (``names``) and Adam's raw curves per task; add per-task tuned Adam."""
     members = np.stack([normalized_curves(c, reference, t) for t, c in enumerate(member_curves)])  # [E, T+1, M]
     adam = np.stack([normalized_curves(c, reference, t) for t, c in enumerate(reference.curves)])  # [E, T+1, 15]
     tuned_rate = adam.mean(axis=1).argmin(axis=1)  # per task: the rate with the lowest mean normalized loss
-    per_task = {f"m{i}": members[:, :, i] for i in range(members.shape[2])}
+    per_task = {name: members[:, :, i] for i, name in enumerate(names)}
     per_task.update({f"adam lr={rate:.2g}": adam[:, :, k] for k, rate in enumerate(learning_rates)})
     per_task["adam tuned"] = adam[np.arange(len(adam)), :, tuned_rate]
     return Curves(per_task)
@@ -77,16 +78,16 @@ def metrics(curves: Curves, adam_names: list[str]) -> dict[str, dict[str, float]
     return table
 
 
-def evaluate_checkpoint(state, config, specs: tuple[TaskSpec, ...], steps: int, chunk: int, map_fn,
-                        cache_dir: Path) -> tuple[Curves, dict]:  # fmt: skip
-    """Curves and metrics for every member of ``state`` on ``specs``."""
+def evaluate_lopts(thetas: dict[str, object], lopt_config, specs: tuple[TaskSpec, ...], steps: int, chunk: int,
+                   map_fn, cache_dir: Path) -> tuple[Curves, dict]:  # fmt: skip
+    """Curves and metrics for each named θ (members of a checkpoint, or exported optimizers) on ``specs``."""
     from selfloop.baselines import ADAM_LEARNING_RATES
 
     reference = adam_reference(specs, steps, chunk, map_fn, cache_dir)
-    stacked = stack_thetas([m.theta for m in state.members])
-    units = [CurveUnit(spec, config.lopt, stacked, steps, chunk) for spec in specs]
+    stacked = stack_thetas(list(thetas.values()))
+    units = [CurveUnit(spec, lopt_config, stacked, steps, chunk) for spec in specs]
     member_curves = all_succeeded(list(map_fn(run_curve_unit, units)), "evaluation")
-    curves = collect_curves(member_curves, reference, ADAM_LEARNING_RATES)
+    curves = collect_curves(member_curves, reference, ADAM_LEARNING_RATES, list(thetas))
     adam_names = [f"adam lr={rate:.2g}" for rate in ADAM_LEARNING_RATES]
     return curves, metrics(curves, adam_names)
 

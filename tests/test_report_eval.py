@@ -46,7 +46,7 @@ def test_eval_command_writes_figure_tables_and_caches_adam(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = run_dir / "eval-r2-E3-T30"
     results = json.loads((out / "results.json").read_text())
-    assert len(results["tasks"]) == 3 and results["round"] == 2
+    assert len(results["tasks"]) == 3 and results["label"] == "r2"
     names = set(results["metrics"])
     assert {"m0", "m1", "m2", "m3", "adam tuned"} <= names and len([n for n in names if "lr=" in n]) == 15
     assert all(len(curve) == 31 for curve in results["mean_curves"].values())
