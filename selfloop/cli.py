@@ -98,14 +98,10 @@ def build_export_parser() -> argparse.ArgumentParser:
 
 def export_main(argv: list[str]) -> int:
     args = build_export_parser().parse_args(argv)
-    try:
-        config = load_config(args.config, _overrides(args))
-        from selfloop.export import export_from_run
+    config = load_config(args.config, _overrides(args))
+    from selfloop.export import export_from_run
 
-        member, state = export_from_run(Path(config.run.checkpoint_dir), config, args.member, args.out)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    member, state = export_from_run(Path(config.run.checkpoint_dir), config, args.member, args.out)
     if member == "champion":
         print(f"exported the PBT champion (from m{state.champion.source} at round {state.champion.round}) of "
               f"{config.run.checkpoint_dir} to {args.out}")
@@ -130,11 +126,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
 
 def eval_main(argv: list[str]) -> int:
     args = build_eval_parser().parse_args(argv)
-    try:
-        config = load_config(args.config, _overrides(args))
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, _overrides(args))
     from selfloop.worker import configure_jax
 
     configure_jax(config.farm.compile_cache or None)
@@ -158,12 +150,7 @@ def eval_main(argv: list[str]) -> int:
         lopt_config = next(iter(loaded.values()))[0]
         thetas, source, label = {name: theta for name, (_, theta) in loaded.items()}, ", ".join(loaded), "optimizers"
     else:
-        try:
-            found = load_latest(run_dir, config, lambda path, error: print(f"warning: skipping {error}",
-                                                                           file=sys.stderr))  # fmt: skip
-        except ConfigError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+        found = load_latest(run_dir, config, lambda path, error: print(f"warning: skipping {error}", file=sys.stderr))
         if found is None:
             print(f"error: {run_dir}: no readable checkpoint to evaluate", file=sys.stderr)
             return 2
@@ -188,17 +175,21 @@ def eval_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a subcommand; a bad config or run directory exits 2 with the key named."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["export"]:
-        return export_main(argv[1:])
-    if argv[:1] == ["eval"]:
-        return eval_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    commands = {"export": export_main, "eval": eval_main}
     try:
-        config = load_config(args.config, _overrides(args))
+        if argv[:1] and argv[0] in commands:
+            return commands[argv[0]](argv[1:])
+        return train_main(argv)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def train_main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    config = load_config(args.config, _overrides(args))  # fails before anything is written
     run_dir = Path(config.run.checkpoint_dir)
 
     from selfloop.checkpoint import RunLock, RunLocked
@@ -210,9 +201,6 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     try:
         return _train(args, config, run_dir)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     finally:
         lock.release()
 

@@ -77,12 +77,18 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(smoke_config, 
         np.testing.assert_array_equal(x, y)
 
 
-def test_checkpoint_is_self_describing_and_keeps_the_newest(smoke_config, tmp_path):
-    trainer = Trainer(smoke_config, tmp_path, report=lambda r: None)
+def _checkpointed_rounds(config, run_dir: Path, rounds: int):
+    """A smoke run with a checkpoint after each of ``rounds`` rounds; its state."""
+    trainer = Trainer(config, run_dir, report=lambda r: None)
     state = trainer.new_state()
-    for _ in range(5):
+    for _ in range(rounds):
         trainer.run_round(state, time.time())
         trainer.checkpoint(state, time.time())
+    return state
+
+
+def test_checkpoint_is_self_describing_and_keeps_the_newest(smoke_config, tmp_path):
+    state = _checkpointed_rounds(smoke_config, tmp_path, 5)
     names = [p.name for p in list_checkpoints(tmp_path)]
     assert names == [f"checkpoint-{r:09d}.h5" for r in (5, 4, 3)]  # keep = 3
     assert not list(tmp_path.glob(".checkpoint-*"))
@@ -99,11 +105,7 @@ def test_checkpoint_is_self_describing_and_keeps_the_newest(smoke_config, tmp_pa
 
 
 def test_truncated_newest_checkpoint_is_reported_and_the_previous_one_used(smoke_config, tmp_path):
-    trainer = Trainer(smoke_config, tmp_path, report=lambda r: None)
-    state = trainer.new_state()
-    for _ in range(2):
-        trainer.run_round(state, time.time())
-        trainer.checkpoint(state, time.time())
+    _checkpointed_rounds(smoke_config, tmp_path, 2)
     newest = list_checkpoints(tmp_path)[0]
     with open(newest, "r+b") as handle:
         handle.truncate(newest.stat().st_size // 2)

@@ -27,16 +27,21 @@ def test_threshold_and_observe_exact():
     assert healthiest([GuardState(ema=0.7), GuardState(ema=0.2), GuardState()]) == 1
 
 
-def test_diverged_member_is_rolled_back_without_spreading(smoke_config, tmp_path):
-    # Smoke members barely learn in 3 rounds: guard every member that gained at all.
-    guard = GuardConfig(smoothing=0.5, margin=0.05, min_gain=0.0)
-    config = dataclasses.replace(smoke_config, guard=guard)
+def _guarded_run(smoke_config, tmp_path):
+    """A smoke run 3 rounds in, guarding every member that gained at all (smoke members
+    barely learn in 3 rounds), and its member with the best smoothed meta-loss."""
+    config = dataclasses.replace(smoke_config, guard=GuardConfig(smoothing=0.5, margin=0.05, min_gain=0.0))
     records = []
     trainer = Trainer(config, tmp_path, report=records.append)
     state = trainer.new_state()
     for _ in range(3):
         trainer.run_round(state, 0.0)
     victim = min(range(len(state.members)), key=lambda i: state.members[i].guard.best_ema)
+    return config, records, trainer, state, victim
+
+
+def test_diverged_member_is_rolled_back_without_spreading(smoke_config, tmp_path):
+    _, records, trainer, state, victim = _guarded_run(smoke_config, tmp_path)
     assert state.members[victim].guard.best_ema < 1.0  # it has gains to keep
     # Make it an exploding optimizer: output bias (d, m) = (1e3, 1e4) gives inner
     # steps of 1e-3 * 1e3 * e^10 ~ 2e4; its inner problems diverge (meta-loss at the clip).
@@ -62,14 +67,7 @@ def test_member_with_weights_scaled_by_1e6_is_rolled_back_and_its_trainees_stay_
     """Issue #8: a member whose θ is scaled by 1e6 is detected and rolled back,
     and the member it trains meanwhile neither goes non-finite nor moves more
     than the step rail allows."""
-    guard = GuardConfig(smoothing=0.5, margin=0.05, min_gain=0.0)
-    config = dataclasses.replace(smoke_config, guard=guard)
-    records = []
-    trainer = Trainer(config, tmp_path, report=records.append)
-    state = trainer.new_state()
-    for _ in range(3):
-        trainer.run_round(state, 0.0)
-    victim = min(range(len(state.members)), key=lambda i: state.members[i].guard.best_ema)
+    config, records, trainer, state, victim = _guarded_run(smoke_config, tmp_path)
     trainee = (victim + 1) % len(state.members)
     state.members[trainee].outer_index = victim  # the victim trains this member while it is broken
     before_theta = state.members[victim].theta
