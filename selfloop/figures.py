@@ -51,13 +51,13 @@ def history_figure(records: list[dict], out: Path) -> None:
     axis.plot(minutes, [1.5 * m + 0.05 for m in running], color="grey", ls=":", label="1.5 x running min + 0.05")
     axis.axhline(evals[-1]["adam_best_fixed"], color="tab:blue", ls="--", label="Adam, best fixed lr")
     axis.axhline(evals[-1]["adam_tuned"], color="navy", ls="-.", label="Adam, tuned per task")
-    for kind, marker, color in (("pbt", "|", "tab:green"), ("rollback", "x", "tab:red")):
-        times = [r["elapsed"] / 60 for r in records if r["kind"] == kind and "elapsed" in r]
-        if kind == "rollback":  # rollback records carry a round; place them by the round records
-            by_round = {r["round"]: r["elapsed"] for r in records if r["kind"] == "round"}
-            times = [by_round[r["round"]] / 60 for r in records if r["kind"] == kind and r["round"] in by_round]
-        axis.plot(times, [0.02] * len(times), marker, color=color, ms=8, ls="none",
-                  label="PBT exploit" if kind == "pbt" else "guard rollback")
+    by_round = {r["round"]: r["elapsed"] for r in records if r["kind"] == "round"}
+    for kind, marker, color, label in (("pbt", "|", "tab:green", "PBT exploit"),
+                                       ("rollback", "x", "tab:red", "guard rollback")):  # fmt: skip
+        # Rollback records carry only a round: place them at that round's time.
+        times = [r.get("elapsed", by_round.get(r["round"])) for r in records if r["kind"] == kind]
+        times = [t / 60 for t in times if t is not None]
+        axis.plot(times, [0.02] * len(times), marker, color=color, ms=8, ls="none", label=label)
     axis.set(xlabel="run time (minutes)", ylabel="held-out mean normalized loss", ylim=(0, 1.6),
              title="held-out loss of every member over the run")
     axis.legend(ncol=4, fontsize=7, loc="upper right")

@@ -170,7 +170,7 @@ def tournament(
         restore_champion(members, champion, loser)
     else:
         exploit(members, winner, loser)
-    replaced = config.pbt.champion and not from_champion and not (champion_score <= winner_score)
+    replaced = config.pbt.champion and (champion is None or winner_score < champion_score)
     if replaced:
         champion = crown(members[winner], winner, round_index)
     outer_redrawn, truncation_redrawn = explore(
