@@ -134,6 +134,11 @@ class PBTConfig:
     # Keep the best snapshot seen as a champion that competes in every
     # tournament and that losers copy when it beats the winner (selfloop/pbt.py).
     champion: bool = True
+    # A winner that beats the champion on the tournament's tasks replaces it
+    # only if it also wins on this many further fresh tasks (0: the tournament
+    # alone decides). On E = 4 tasks alone the champion changed hands on margins
+    # of 1 % and drifted down with the population (issue #8).
+    champion_confirm_tasks: int = non_negative(8)
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,7 @@ class DashboardState:
     best_member: int = -1
     adam_best_fixed: float = math.nan
     adam_tuned: float = math.nan
+    champion: float = math.nan  # the PBT champion's held-out loss (it is scored beside the members)
     status: str = "starting"
 
     def ensure_members(self, count: int) -> None:
@@ -118,6 +119,7 @@ def apply(state: DashboardState, record: dict, now: float | None = None) -> None
         for row, score in zip(state.members, record["members"]):
             row.evals.append(float(score))
         state.best, state.best_member = record["best"], record["best_member"]
+        state.champion = math.nan if record.get("champion") is None else record["champion"]
         state.adam_best_fixed, state.adam_tuned = record["adam_best_fixed"], record["adam_tuned"]
     elif kind == "pbt":
         state.last_pbt = (record.get("elapsed", state.elapsed), record["round"])
@@ -215,7 +217,7 @@ def render(state: DashboardState, in_flight: int = 0, now: float | None = None) 
     if math.isfinite(state.best) and math.isfinite(state.adam_best_fixed):
         verdict = "beats" if state.best < state.adam_best_fixed else "behind"
         versus = (f"m{state.best_member} {state.best:.3f} vs Adam best fixed lr {state.adam_best_fixed:.3f} "
-                  f"({verdict}); per-task tuned {_number(state.adam_tuned)}")
+                  f"({verdict}); per-task tuned {_number(state.adam_tuned)}; PBT champion {_number(state.champion)}")
     next_pbt = _time_to_next(state.pbt_interval, state.last_pbt, elapsed, state.round)
     next_checkpoint = _time_to_next(state.checkpoint_interval, state.last_checkpoint, elapsed, state.round)
     health = Text("\n".join((

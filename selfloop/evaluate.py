@@ -105,10 +105,6 @@ class HeldoutResult:
     adam_tuned: float  # best rate chosen per task
 
     @property
-    def best_member(self) -> int:
-        return int(np.argmin(self.members))
-
-    @property
     def best_fixed_adam(self) -> float:
         return float(np.min(self.adam_fixed))
 

@@ -4,9 +4,15 @@ Every engine offers ``map(fn, items) -> list`` in item order, where a unit
 that kept failing comes back as a ``UnitFailure`` instead of a result: it is
 reported, never silently lost, and the run goes on.
 
+``map`` takes an optional cost per item (the trainer passes each unit's
+measured seconds from the round before): units go out longest first, so the
+round ends on short units and no core waits long at its end (LPT scheduling).
+
 The local engine spawns one worker per core (``spawn``: a fork after JAX
 started hangs), each pinned to its own core before its first JAX operation
-(``selfloop.worker``). Dispatch is dynamic, so no core idles while units wait.
+(``selfloop.worker``). Dispatch is dynamic, so no core idles while units wait,
+and each worker holds a second unit in its pipe, so it starts the next one the
+moment it finishes instead of waiting for the master to pickle it.
 A worker that dies (killed, out of memory) is noticed through its process
 sentinel, replaced on the same core, and its unit retried up to a cap. Each
 worker talks to the master over its own pipe, so one dying mid-message cannot
@@ -48,6 +54,16 @@ class FarmStats:
     compile_seconds: float = 0.0  # summed over the workers, replaced ones included
 
 
+def dispatch_order(count: int, cost: list[float] | None) -> list[int]:
+    """Item indices, most costly first (stable; item order without costs)."""
+    if cost is None:
+        return list(range(count))
+    return sorted(range(count), key=lambda i: -cost[i])
+
+
+PREFETCH = 2  # units a local worker holds at once: the one it runs and the next
+
+
 class InProcessFarm:
     """Runs units in the master, one after another (tests, tiny configs)."""
 
@@ -55,9 +71,9 @@ class InProcessFarm:
         self.max_attempts = max_attempts
         self.stats = FarmStats(workers=1)
 
-    def map(self, fn: Callable, items: list) -> list:
+    def map(self, fn: Callable, items: list, cost: list[float] | None = None) -> list:
         results = []
-        for index, item in enumerate(items):
+        for index, item in enumerate(items):  # one at a time: order cannot matter
             for attempt in range(1, self.max_attempts + 1):
                 try:
                     results.append(fn(item))
@@ -90,7 +106,7 @@ class _Worker:
         )
         self.process.start()
         child.close()
-        self.task: tuple[int, int] | None = None  # (item index, attempt)
+        self.tasks: collections.deque[tuple[int, int]] = collections.deque()  # (item index, attempt), sent order
         self.affinity: list[int] | None = None
         self.compile_seconds = 0.0
         self.pid = self.process.pid
@@ -134,10 +150,9 @@ class LocalFarm:
             return
         task_id, ok, payload, worker.compile_seconds = message
         self._update_compile_seconds()
-        if worker.task != task_id or results is None:
+        if results is None or not worker.tasks or worker.tasks[0] != task_id:
             return  # a stale answer from an attempt already given up on
-        worker.task = None
-        index, attempt = task_id
+        index, attempt = worker.tasks.popleft()
         if ok:
             results[index] = cloudpickle.loads(payload)
         else:
@@ -159,8 +174,9 @@ class LocalFarm:
         worker.conn.close()
         self.stats.restarts += 1
         self._retired_compile_seconds += worker.compile_seconds
-        if worker.task is not None:
-            index, attempt = worker.task
+        if worker.tasks:  # the unit it ran counts an attempt; the ones queued behind it were never started
+            index, attempt = worker.tasks.popleft()
+            pending.extendleft((i, a) for i, a in reversed(worker.tasks))
             self._retry_or_fail(index, attempt, f"worker {worker.pid} died (exit code {code})", results, pending)
         self.workers[worker.slot] = self._spawn(worker.slot)
 
@@ -182,20 +198,24 @@ class LocalFarm:
             results.append(cloudpickle.loads(body))
         return results
 
-    def map(self, fn: Callable, items: list) -> list:
+    def map(self, fn: Callable, items: list, cost: list[float] | None = None) -> list:
         results: list[Any] = [None] * len(items)
-        pending = collections.deque((i, 1) for i in range(len(items)))
+        pending = collections.deque((i, 1) for i in dispatch_order(len(items), cost))
         done = 0
         while done < len(items):
-            for worker in self.workers:
-                if worker.task is None and pending:
-                    worker.task = pending.popleft()
-                    try:
-                        # Pickled at dispatch: the first workers start at once.
-                        worker.conn.send((worker.task, cloudpickle.dumps((fn, items[worker.task[0]]))))
-                    except (BrokenPipeError, OSError):
-                        pass  # its sentinel fires below and the unit is retried
-            self.stats.in_flight = sum(w.task is not None for w in self.workers)
+            # Each worker gets one unit before any gets a second, so that the
+            # longest units start first; then every worker keeps one queued.
+            for depth in range(1, PREFETCH + 1):
+                for worker in self.workers:
+                    if len(worker.tasks) < depth and pending:
+                        task = pending.popleft()
+                        worker.tasks.append(task)
+                        try:
+                            # Pickled at dispatch: the first workers start at once.
+                            worker.conn.send((task, cloudpickle.dumps((fn, items[task[0]]))))
+                        except (BrokenPipeError, OSError):
+                            pass  # its sentinel fires below and the unit is retried
+            self.stats.in_flight = sum(min(len(w.tasks), 1) for w in self.workers)
             by_handle = {}
             for worker in self.workers:
                 by_handle[worker.conn] = worker
@@ -247,10 +267,12 @@ class DaskFarm:
         self.cache_root, self.max_attempts = cache_root, max_attempts
         self.stats = FarmStats(workers=len(self.client.scheduler_info()["workers"]))
 
-    def map(self, fn: Callable, items: list) -> list:
+    def map(self, fn: Callable, items: list, cost: list[float] | None = None) -> list:
+        rank = {index: len(items) - position for position, index in enumerate(dispatch_order(len(items), cost))}
         futures = [
-            self.client.submit(_dask_call, fn, item, self.cache_root, pure=False, retries=self.max_attempts - 1)
-            for item in items
+            self.client.submit(_dask_call, fn, item, self.cache_root, pure=False, retries=self.max_attempts - 1,
+                               priority=rank[index])  # Dask runs higher priorities first
+            for index, item in enumerate(items)
         ]
         results = []
         for index, future in enumerate(futures):

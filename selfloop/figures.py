@@ -47,6 +47,9 @@ def history_figure(records: list[dict], out: Path) -> None:
     for i in range(len(evals[0]["members"])):
         axis.plot(minutes, [e["members"][i] for e in evals], lw=0.8, alpha=0.6, label=f"m{i}")
     axis.plot(minutes, [e["best"] for e in evals], color="black", lw=2.2, label="best member")
+    champion = [(t, e["champion"]) for t, e in zip(minutes, evals) if e.get("champion") is not None]
+    if champion:
+        axis.plot(*zip(*champion), color="tab:orange", lw=1.6, ls="--", label="PBT champion")
     running = [min(e["best"] for e in evals[: k + 1]) for k in range(len(evals))]
     axis.plot(minutes, [1.5 * m + 0.05 for m in running], color="grey", ls=":", label="1.5 x running min + 0.05")
     axis.axhline(evals[-1]["adam_best_fixed"], color="tab:blue", ls="--", label="Adam, best fixed lr")

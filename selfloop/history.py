@@ -37,12 +37,13 @@ def summary(records: list[dict]) -> str:
     evals = [r for r in records if r["kind"] == "eval"]
     if not evals:
         return "no evaluations in this log"
-    lines = [f"{'round':>6} {'elapsed s':>10} {'best member':>12} {'best loss':>10} {'median':>8}"]
+    lines = [f"{'round':>6} {'elapsed s':>10} {'best member':>12} {'best loss':>10} {'median':>8} {'champion':>9}"]
     for e in evals:
         members = sorted(e["members"])
+        champion = e.get("champion")  # logs before the champion was evaluated lack it
         lines.append(
             f"{e['round']:>6} {e['elapsed']:>10.1f} {'m' + str(e['best_member']):>12} "
-            f"{e['best']:>10.3f} {members[len(members) // 2]:>8.3f}"
+            f"{e['best']:>10.3f} {members[len(members) // 2]:>8.3f} {'-' if champion is None else f'{champion:.3f}':>9}"
         )
     first, last = evals[0], evals[-1]
     lines.append("")

@@ -10,9 +10,11 @@ copied. The held-out evaluation set is never used here.
 The champion (``pbt.champion``, issue #8): an archive of the best snapshot seen
 (θ, outer-optimizer index and state, K), judged head to head. It is scored in
 every tournament on the same tasks as the pair; the loser copies it instead of
-the winner when it beats the winner, and the winner replaces it when the winner
-beats it. A population that has collapsed can thus always recover what it once
-reached, and the champion changes only by losing on the training distribution.
+the winner when it beats the winner. A winner that beats it is a challenger:
+both are scored again on ``pbt.champion_confirm_tasks`` further fresh tasks, and
+the challenger replaces the champion only if it wins there too. A population
+that has collapsed, or drifted, can thus always recover what it once reached,
+and the champion changes only by losing twice on the training distribution.
 Another rail, not an update rule: it only ever holds weights lopts produced.
 """
 
@@ -51,6 +53,9 @@ class PBTEvent:
     source: str = "winner"  # what the loser copied: "winner" or "champion"
     champion_score: float = float("nan")  # the champion's score on the same tasks (nan: none yet)
     champion_replaced: bool = False  # the winner beat the champion and became it
+    # The challenge on further tasks (nan: no challenge, or confirmation off).
+    confirm_winner_score: float = float("nan")
+    confirm_champion_score: float = float("nan")
 
     def as_record(self) -> dict:
         return {"kind": "pbt", **asdict(self)}
@@ -77,10 +82,13 @@ def crown(member: Member, index: int, round_index: int) -> Champion:
                     round_index)  # fmt: skip
 
 
-def tournament_tasks(config: Config, event_index: int):
-    """E training-distribution tasks, fresh for every tournament."""
-    rng = np.random.default_rng([config.run.seed, event_index, 0x7B7])
-    return [sample_training_task(rng, config.tasks.families) for _ in range(config.pbt.tasks)]
+def tournament_tasks(config: Config, event_index: int, count: int | None = None, stream: int = 0x7B7):
+    """``count`` (default E) training-distribution tasks, fresh for every tournament."""
+    rng = np.random.default_rng([config.run.seed, event_index, stream])
+    return [sample_training_task(rng, config.tasks.families) for _ in range(count or config.pbt.tasks)]
+
+
+CONFIRM_STREAM = 0xC0F  # the challenge's tasks: disjoint from the tournament's draw
 
 
 class ScoringFailed(RuntimeError):
@@ -170,7 +178,14 @@ def tournament(
         restore_champion(members, champion, loser)
     else:
         exploit(members, winner, loser)
-    replaced = config.pbt.champion and (champion is None or winner_score < champion_score)
+    confirm = (float("nan"), float("nan"))
+    challenged = champion is not None and winner_score < champion_score
+    confirmed = not config.pbt.champion_confirm_tasks
+    if challenged and not confirmed:
+        confirm_specs = tournament_tasks(config, event_index, config.pbt.champion_confirm_tasks, CONFIRM_STREAM)
+        confirm = tuple(float(x) for x in score_members(map_fn, config, [members[winner], champion], confirm_specs))
+        confirmed = confirm[0] < confirm[1]
+    replaced = config.pbt.champion and (champion is None or challenged and confirmed)
     if replaced:
         champion = crown(members[winner], winner, round_index)
     outer_redrawn, truncation_redrawn = explore(
@@ -197,4 +212,6 @@ def tournament(
         source="champion" if from_champion else "winner",
         champion_score=champion_score,
         champion_replaced=replaced,
+        confirm_winner_score=confirm[0],
+        confirm_champion_score=confirm[1],
     ), champion

@@ -34,7 +34,11 @@ def format_record(record: dict) -> str | None:
             changes.append(f"K->{record['truncation']}")
         source = "the champion" if record.get("source") == "champion" else f"m{record['winner']}"
         champion = record.get("champion_score", float("nan"))
-        if champion == champion:  # not nan
+        challenge = record.get("confirm_winner_score", float("nan")), record.get("confirm_champion_score", float("nan"))
+        if challenge[0] == challenge[0]:  # the winner challenged the champion on further tasks
+            verdict = "replaced" if record.get("champion_replaced") else "kept"
+            changes.append(f"champion {champion:.3f}, challenge {challenge[0]:.3f} vs {challenge[1]:.3f}: {verdict}")
+        elif champion == champion:  # not nan
             changes.append(f"champion {champion:.3f}" + (" replaced" if record.get("champion_replaced") else ""))
         elif record.get("champion_replaced"):
             changes.append("first champion")
@@ -70,7 +74,8 @@ def format_record(record: dict) -> str | None:
         return (
             f"eval  round {record['round']:5d}  {record['elapsed']:7.1f}s  held-out best m{record['best_member']} "
             f"{record['best']:.3f}  | Adam best fixed {record['adam_best_fixed']:.3f} tuned {record['adam_tuned']:.3f}"
-            f"  | members {_members(record['members'])}"
+            + (f"  | champion {record['champion']:.3f}" if record.get("champion") is not None else "")
+            + f"  | members {_members(record['members'])}"
         )
     if kind == "progress":
         return f"...   {record['message']}"

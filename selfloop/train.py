@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from selfloop import guard
@@ -66,21 +66,14 @@ def _due(now: float, last_time: float, seconds: float, round_index: int, last_ro
     return by_time or by_rounds
 
 
-def unit_cost(unit: WorkUnit) -> int:
-    """Relative cost of a unit: inner steps times inner weights (the lopt's work)."""
-    weights = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(unit.state.inners.params))
-    return unit.truncation * weights
-
-
 def make_units(state: RunState) -> list[WorkUnit]:
-    """This round's units, costliest first, so no core is left with a long unit at the end."""
-    units = [
+    """This round's units, one per member and persistent inner problem."""
+    return [
         WorkUnit(round=state.round, member=i, slot=s, theta=m.theta, spec=slot.spec, state=slot.state,
                  truncation=m.truncation)
         for i, m in enumerate(state.members)
         for s, slot in enumerate(m.slots)
     ]
-    return sorted(units, key=unit_cost, reverse=True)
 
 
 def absorb_results(state: RunState, results: Iterable[UnitResult], pairs: int) -> dict[int, list]:
@@ -109,6 +102,7 @@ class Trainer:
         self.context = context_for(config)
         self.heldout = heldout_tasks(config.eval.tasks, config.tasks.families, config.eval.seed)
         self.reference = None
+        self._unit_seconds: dict[tuple[int, int], float] = {}  # (member, slot) -> last unit's compute time
 
     def compile_seconds(self) -> float:
         """Seconds spent compiling so far, in the workers and in the master."""
@@ -151,21 +145,27 @@ class Trainer:
         )
 
     def evaluate(self, state: RunState, started: float) -> dict | None:
-        """Held-out evaluation of every member; None (and an event) if a unit failed."""
+        """Held-out evaluation of every member, and of the PBT champion beside
+        them (never a member's score; what ``export --member champion`` would
+        ship); None (and an event) if a unit failed."""
         cfg = self.config.eval
-        thetas = [m.theta for m in state.members]
+        champion = state.champion
+        thetas = [m.theta for m in state.members] + ([champion.theta] if champion is not None else [])
         try:
             result = evaluate_members(self.farm.map, self.config.lopt, thetas, self.heldout, cfg.steps, cfg.chunk,
                                       self.reference)
         except EvaluationFailed as error:
             self.log({"kind": "eval_failed", "round": state.round, "error": str(error)[-2000:]})
             return None
-        for member, score in zip(state.members, result.members):
+        size = len(state.members)
+        scores = result.members[:size]
+        for member, score in zip(state.members, scores):
             member.history.append(float(score))
         record = {
             "kind": "eval", "round": state.round, "elapsed": time.time() - started,
-            "members": result.members, "members_final": result.members_final,
-            "best_member": result.best_member, "best": float(result.members.min()),
+            "members": scores, "members_final": result.members_final[:size],
+            "best_member": int(np.argmin(scores)), "best": float(scores.min()),
+            "champion": float(result.members[size]) if champion is not None else None,
             "adam_fixed": result.adam_fixed, "adam_best_fixed": result.best_fixed_adam,
             "adam_tuned": result.adam_tuned,
         }
@@ -175,7 +175,11 @@ class Trainer:
     def _run_units(self, state: RunState) -> list[UnitResult]:
         """Every member's units on the farm; failures become events, not losses."""
         units = make_units(state)
-        outcomes = self.farm.map(functools.partial(run_unit, self.context), units)
+        # Longest first, by what each slot's unit took last round (its task
+        # family and K set that), so the round ends on short units.
+        cost = [self._unit_seconds.get((u.member, u.slot), math.inf) for u in units]
+        outcomes = self.farm.map(functools.partial(run_unit, self.context), units, cost)
+        self._unit_seconds.update({(o.member, o.slot): o.seconds for o in outcomes if isinstance(o, UnitResult)})
         for failure in (o for o in outcomes if isinstance(o, UnitFailure)):
             unit = units[failure.index]
             self.log({"kind": "unit_failed", "round": state.round, "member": unit.member, "slot": unit.slot,

@@ -8,6 +8,7 @@ meta-gradient contribution, the segment's meta-loss and the advanced state.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,7 @@ class UnitResult:
     spec: TaskSpec
     state: SlotState
     replaced: bool  # the slot's episode had ended and a new task was drawn
+    seconds: float = 0.0  # compute time, for ordering the next round's units (never part of the state)
 
 
 def slot_task(context: UnitContext, member: int, slot: int, generation: int) -> TaskSpec:
@@ -81,6 +83,7 @@ def unit_key(seed: int, round_index: int, member: int, slot: int) -> jax.Array:
 
 def run_unit(context: UnitContext, unit: WorkUnit) -> UnitResult:
     """Estimate one meta-gradient contribution; pure in its inputs."""
+    start = time.perf_counter()
     lopt = make_lopt(context.lopt)
     spec, state = unit.spec, unit.state
     replaced = needs_reset(state)
@@ -98,6 +101,7 @@ def run_unit(context: UnitContext, unit: WorkUnit) -> UnitResult:
         context.horizon,
         unit_key(context.seed, unit.round, unit.member, unit.slot),
     )
+    jax.block_until_ready(estimate)
     return UnitResult(
         round=unit.round,
         member=unit.member,
@@ -107,6 +111,7 @@ def run_unit(context: UnitContext, unit: WorkUnit) -> UnitResult:
         spec=spec,
         state=estimate.slot,
         replaced=replaced,
+        seconds=time.perf_counter() - start,
     )
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import queue
 import signal
 import sys
+import threading
 import traceback
 from importlib import metadata
 from pathlib import Path
@@ -102,6 +104,30 @@ def to_host(value):
     return jax.device_get(value)
 
 
+def _drain_in_background(conn) -> queue.Queue:
+    """Receive the master's messages on a thread, into a queue.
+
+    The master queues a second unit behind the running one. A unit bigger than
+    the pipe's buffer (64 KiB; a hierarchical lopt's θ alone is 120 KB) would
+    block the master's send until this worker read it, while this worker
+    blocks sending its result to the master: a deadlock. Reading on a thread
+    keeps the pipe drained. ``None`` (stop) is also queued when the master's
+    end closes.
+    """
+    inbox: queue.Queue = queue.Queue()
+
+    def receive() -> None:
+        try:
+            while (message := conn.recv()) is not None:
+                inbox.put(message)
+        except (EOFError, OSError):
+            pass
+        inbox.put(None)
+
+    threading.Thread(target=receive, name="selfloop-inbox", daemon=True).start()
+    return inbox
+
+
 def worker_main(core: int | None, cache_root: str | None, log_path: str | None, conn) -> None:
     """Serve one pipe: receive (task id, cloudpickled (fn, item)) or None to stop,
     answer (task id, ok, cloudpickled result or traceback, compile seconds so far)."""
@@ -112,8 +138,9 @@ def worker_main(core: int | None, cache_root: str | None, log_path: str | None, 
     import cloudpickle
 
     conn.send(("ready", os.getpid(), sorted(os.sched_getaffinity(0))))
+    inbox = _drain_in_background(conn)
     while True:
-        message = conn.recv()
+        message = inbox.get()
         if message is None:
             return
         task_id, payload = message

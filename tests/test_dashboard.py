@@ -51,6 +51,9 @@ def test_render_shows_members_events_and_numbers(records):
     assert f"m{pbt[-1]['winner']} ({pbt[-1]['winner_score']:.3f}) beat m{pbt[-1]['loser']}" in screen
     assert f"copied m{pbt[-1]['winner']} @r{pbt[-1]['round']}" in screen  # the loser's last event
     assert f"Adam best fixed lr {evals[-1]['adam_best_fixed']:.3f}" in screen
+    # The champion is held-out scored beside the members once a tournament crowned one.
+    assert evals[0]["champion"] is None and evals[-1]["champion"] is not None
+    assert f"PBT champion {evals[-1]['champion']:.3f}" in screen
     assert "units in flight 3" in screen and "inner steps/s" in screen
 
 
@@ -95,4 +98,5 @@ def test_clocks_advance_between_records(records):
     later = render(state, now=state.received + 3725)  # 1 h 2 min 5 s later
     console = Console(file=io.StringIO(), width=120, record=True, color_system=None)
     console.print(later)
-    assert "run time 1:02:" in console.export_text()
+    hours, rest = divmod(int(state.elapsed) + 3725, 3600)
+    assert f"run time {hours}:{rest // 60:02d}:{rest % 60:02d}" in console.export_text()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import threading
+import time
 
 import jax
 import numpy as np
 import pytest
 
-from selfloop.farm import InProcessFarm, LocalFarm, UnitFailure
+from selfloop.farm import InProcessFarm, LocalFarm, UnitFailure, dispatch_order
 from selfloop.population import context_for, init_population
 from selfloop.train import RunState, Trainer, make_units
 from selfloop.work import run_unit
@@ -18,6 +20,12 @@ from selfloop.work import run_unit
 
 def _affinity(_item):
     return sorted(os.sched_getaffinity(0))
+
+
+def _start_time(seconds: float) -> tuple[float, float]:
+    start = time.time()
+    time.sleep(seconds)
+    return seconds, start
 
 
 def _die_once(marker: str, fn, item):
@@ -54,13 +62,38 @@ def test_each_worker_pinned_to_its_own_core(local_farm):
     assert seen <= {tuple(a) for a in affinities} and all(len(a) == 1 for a in seen)
 
 
+def test_costly_units_start_first_and_results_keep_item_order(local_farm):
+    assert dispatch_order(4, [0.1, 0.3, 0.2, 0.3]) == [1, 3, 2, 0] and dispatch_order(3, None) == [0, 1, 2]
+    seconds = [0.02] * 8 + [0.3, 0.2]  # the long units come last in item order
+    results = local_farm.map(_start_time, seconds, cost=seconds)
+    assert [r[0] for r in results] == seconds
+    starts = sorted(range(len(seconds)), key=lambda i: results[i][1])
+    assert set(starts[:2]) == {8, 9}  # one on each worker, before any short unit
+
+
+def _doubled(x):
+    return x * 2
+
+
+def test_units_and_results_larger_than_a_pipe_buffer_do_not_deadlock(local_farm):
+    # A queued unit of 2.4 MB blocks the master's send until the busy worker
+    # reads it, while the worker sends its own 2.4 MB result back.
+    items = [np.full(300_000, float(i)) for i in range(6)]
+    results: list = []
+    mapper = threading.Thread(target=lambda: results.append(local_farm.map(_doubled, items)), daemon=True)
+    mapper.start()
+    mapper.join(timeout=120)
+    assert not mapper.is_alive(), "farm.map deadlocked on large messages"
+    assert [float(r[0]) for r in results[0]] == [2.0 * i for i in range(6)]
+
+
 def test_killed_worker_is_replaced_and_every_member_advances(local_farm, smoke_config, tmp_path):
     trainer = Trainer(smoke_config, tmp_path, report=lambda record: None, farm=local_farm)
     state = trainer.new_state()
     marker = str(tmp_path / "killed")
     restarts = local_farm.stats.restarts
     real_map = local_farm.map
-    local_farm.map = lambda fn, items: real_map(functools.partial(_die_once, marker, fn), items)
+    local_farm.map = lambda fn, items, cost=None: real_map(functools.partial(_die_once, marker, fn), items, cost)
     try:
         trainer.run_round(state, 0.0)
         trainer.run_round(state, 0.0)
@@ -77,7 +110,7 @@ def test_unit_that_keeps_failing_is_reported_and_skipped(smoke_config, tmp_path)
     trainer = Trainer(smoke_config, tmp_path, report=records.append, farm=farm)
     state = trainer.new_state()
     real_map = farm.map
-    farm.map = lambda fn, items: real_map(functools.partial(_fail_for_member, 1, fn), items)
+    farm.map = lambda fn, items, cost=None: real_map(functools.partial(_fail_for_member, 1, fn), items, cost)
     trainer.run_round(state, 0.0)
     failed = [r for r in records if r["kind"] == "unit_failed"]
     assert len(failed) == smoke_config.population.tasks_per_member and failed[0]["member"] == 1

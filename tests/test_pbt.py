@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from selfloop.farm import InProcessFarm
-from selfloop.pbt import COPIED, crown, exploit, explore, tournament
+from selfloop.pbt import CONFIRM_STREAM, COPIED, crown, exploit, explore, tournament, tournament_tasks
 from selfloop.population import init_population
 
 
@@ -119,3 +119,36 @@ def test_without_the_champion_setting_no_champion_is_kept(smoke_config):
     members = init_population(config)
     event, champion = tournament(members, InProcessFarm().map, config, np.random.default_rng(0), 0, 1)
     assert champion is None and not event.champion_replaced and event.source == "winner"
+
+
+def test_a_challenger_replaces_the_champion_only_if_it_also_wins_the_confirmation(smoke_config):
+    config = dataclasses.replace(
+        smoke_config, pbt=dataclasses.replace(smoke_config.pbt, p_outer_redraw=0.0, p_truncation_redraw=0.0)
+    )
+    assert config.pbt.champion_confirm_tasks > 0  # on by default
+    confirm_specs = tournament_tasks(config, 0, config.pbt.champion_confirm_tasks, CONFIRM_STREAM)
+    assert len(confirm_specs) == config.pbt.champion_confirm_tasks
+    assert confirm_specs[0] != tournament_tasks(config, 0)[0]  # a draw of its own
+    members = init_population(config)
+    champion = crown(members[0], 0, round_index=0)
+    rng = np.random.default_rng(0)
+    verdicts = set()
+    for event_index in range(40):
+        # Fresh near-copies of the champion: challenges are close, and go either way.
+        for member in members:
+            member.theta = jax.tree_util.tree_map(lambda x: x * (1 + 0.05 * rng.standard_normal(x.shape)),
+                                                  champion.theta)  # fmt: skip
+        before = champion
+        event, champion = tournament(members, InProcessFarm().map, config, np.random.default_rng(event_index),
+                                     event_index, event_index, champion)  # fmt: skip
+        challenged = event.winner_score < event.champion_score
+        assert challenged == np.isfinite(event.confirm_winner_score)
+        if not challenged:
+            assert champion is before and not event.champion_replaced
+            continue
+        won = event.confirm_winner_score < event.confirm_champion_score
+        assert event.champion_replaced == won and (champion is not before) == won
+        verdicts.add(won)
+        if verdicts == {True, False}:
+            return
+    raise AssertionError(f"40 tournaments gave only these challenge outcomes: {verdicts}")
