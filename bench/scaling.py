@@ -10,6 +10,13 @@ steady state of a long run. Pool sizes are measured in interleaved passes
 
     python bench/scaling.py                       # 1 worker and all cores
     python bench/scaling.py --workers 1 2 4 8 16 --set population.tasks_per_member=8
+    python bench/scaling.py --queue-depth 1 2     # units each worker holds: 1 (no prefetch) against 2
+
+Beside each pool, its workers each run the same rounds as a whole run by
+themselves (own master, no farm), all at once: the throughput the machine
+gives that many processes, so that the farm's own losses (dispatch, imbalance,
+the master) show apart from the machine's (shared caches, memory bandwidth, a
+vCPU that is not a whole core).
 """
 
 from __future__ import annotations
@@ -26,25 +33,45 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from selfloop.config import load_config  # noqa: E402
-from selfloop.farm import LocalFarm  # noqa: E402
+from selfloop.farm import QUEUE_DEPTH, LocalFarm  # noqa: E402
 from selfloop.train import Trainer  # noqa: E402
 from selfloop.work import warm_up  # noqa: E402
 from selfloop.worker import configure_jax  # noqa: E402
 
 
-def rounds_per_second(config, workers: int, rounds: int, warmup: int, cache: str, run_dir: Path) -> float:
-    farm = LocalFarm(workers=workers, cache_root=cache, log_dir=run_dir / f"workers-{workers}")
+def timed_rounds(trainer: Trainer, rounds: int, warmup: int) -> float:
+    """Seconds ``trainer`` takes for ``rounds`` rounds of a new run, after ``warmup`` rounds."""
+    state = trainer.new_state()
+    for _ in range(warmup):
+        trainer.run_round(state, 0.0)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        trainer.run_round(state, 0.0)
+    return time.perf_counter() - start
+
+
+def rounds_alone(config, rounds: int, warmup: int) -> float:
+    """Seconds this process takes for ``rounds`` rounds of a whole run by
+    itself (its own master, units in process), after ``warmup`` rounds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return timed_rounds(Trainer(config, Path(tmp), report=lambda record: None), rounds, warmup)
+
+
+def rounds_per_second(config, workers: int, rounds: int, warmup: int, cache: str, run_dir: Path,
+                      queue_depth: int = QUEUE_DEPTH) -> tuple[float, float]:
+    """Rounds per second through the farm, and the pool's ceiling: every worker
+    running the same run by itself at once, with no farm (what the machine
+    gives ``workers`` processes: ``workers`` x the rounds, in the time of the
+    slowest)."""
+    farm = LocalFarm(workers=workers, cache_root=cache, log_dir=run_dir / f"workers-{workers}",
+                     queue_depth=queue_depth)
     farm.wait_ready()
     try:
         trainer = Trainer(config, run_dir, report=lambda record: None, farm=farm)
         farm.broadcast(functools.partial(warm_up, trainer.context, config.estimator.chunk))
-        state = trainer.new_state()
-        for _ in range(warmup):
-            trainer.run_round(state, 0.0)
-        start = time.perf_counter()
-        for _ in range(rounds):
-            trainer.run_round(state, 0.0)
-        return rounds / (time.perf_counter() - start)
+        farm_rate = rounds / timed_rounds(trainer, rounds, warmup)
+        alone = farm.broadcast(functools.partial(rounds_alone, config, rounds, warmup))
+        return farm_rate, workers * rounds / max(alone)
     finally:
         farm.close()
 
@@ -57,6 +84,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved passes over the pool sizes")
+    parser.add_argument("--queue-depth", type=int, nargs="+", default=[QUEUE_DEPTH],
+                        help="units each worker holds at once; several are measured side by side")
     args = parser.parse_args()
     config = load_config(args.config, tuple(args.set))
     cache = str(Path(tempfile.gettempdir()) / "selfloop-bench-cache")
@@ -67,20 +96,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # The rounds are deterministic: one pass over the whole sequence fills
         # the persistent cache with every program, so no timed pool compiles.
-        rounds_per_second(config, 1, 0, args.warmup + args.rounds, cache, Path(tmp))
-        rates: dict[int, list[float]] = {}
+        rounds_per_second(config, 1, args.rounds, args.warmup, cache, Path(tmp))
+        pools = [(w, d) for d in args.queue_depth for w in args.workers]
+        rates: dict[tuple[int, int], list[float]] = {}
+        alone: dict[tuple[int, int], list[float]] = {}
         for _ in range(args.repeats):
-            for workers in args.workers:
-                rate = rounds_per_second(config, workers, args.rounds, args.warmup, cache, Path(tmp))
-                rates.setdefault(workers, []).append(rate * size)
-                print(f"  {workers:>3} workers: {rate * size:8.2f} outer steps/s", flush=True)
-    mean = {w: sum(r) / len(r) for w, r in rates.items()}
-    print(f"{'workers':>8}{'steps/s':>10}{'range':>16}{'speedup':>9}{'efficiency':>12}")
-    for workers in args.workers:
-        spread = f"{min(rates[workers]):.2f}-{max(rates[workers]):.2f}"
-        speedup = mean[workers] / mean[args.workers[0]] * args.workers[0]
-        print(f"{workers:>8}{mean[workers]:>10.2f}{spread:>16}{speedup:>9.2f}{speedup / workers:>12.2f}")
-
+            for workers, depth in pools:
+                rate, ceiling = rounds_per_second(config, workers, args.rounds, args.warmup, cache, Path(tmp), depth)
+                rates.setdefault((workers, depth), []).append(rate * size)
+                alone.setdefault((workers, depth), []).append(ceiling * size)
+                print(f"  {workers:>3} workers, queue depth {depth}: {rate * size:8.2f} outer steps/s "
+                      f"(workers alone: {ceiling * size:.2f})", flush=True)
+    mean = {pool: sum(r) / len(r) for pool, r in rates.items()}
+    mean_alone = {pool: sum(r) / len(r) for pool, r in alone.items()}
+    base = args.workers[0]
+    print("efficiency: against the smallest pool at the same queue depth; alone: that many independent whole runs at")
+    print("once, no farm (the machine's own ceiling); farm/alone: what the farm keeps of it")
+    print(f"{'workers':>8}{'depth':>6}{'steps/s':>10}{'range':>16}{'speedup':>9}{'efficiency':>12}"
+          f"{'alone':>9}{'alone eff':>11}{'farm/alone':>12}")
+    for workers, depth in pools:
+        runs = rates[workers, depth]
+        spread = f"{min(runs):.2f}-{max(runs):.2f}"
+        speedup = mean[workers, depth] / mean[base, depth] * base
+        efficiency = speedup / workers
+        alone_efficiency = mean_alone[workers, depth] / mean_alone[base, depth] * base / workers
+        kept = mean[workers, depth] / mean_alone[workers, depth]
+        print(f"{workers:>8}{depth:>6}{mean[workers, depth]:>10.2f}{spread:>16}{speedup:>9.2f}{efficiency:>12.2f}"
+              f"{mean_alone[workers, depth]:>9.2f}{alone_efficiency:>11.2f}{kept:>12.2f}")
 
 if __name__ == "__main__":
     main()

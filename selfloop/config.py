@@ -139,6 +139,12 @@ class PBTConfig:
     # alone decides). On E = 4 tasks alone the champion changed hands on margins
     # of 1 % and drifted down with the population (issue #8).
     champion_confirm_tasks: int = non_negative(8)
+    # ... and only if its per-task advantage there is this many standard errors
+    # above zero (a paired t statistic; 0: any advantage). With a tournament
+    # every second, challengers that won on margins of 0.5 % replaced the
+    # champion 280 times in 20 minutes and its held-out loss drifted from 0.27
+    # to 0.45: the winner's curse of many noisy comparisons (issue #8).
+    champion_confidence: float = non_negative(2.0)
 
 
 @dataclass(frozen=True)

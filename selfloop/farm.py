@@ -61,7 +61,7 @@ def dispatch_order(count: int, cost: list[float] | None) -> list[int]:
     return sorted(range(count), key=lambda i: -cost[i])
 
 
-PREFETCH = 2  # units a local worker holds at once: the one it runs and the next
+QUEUE_DEPTH = 2  # units a local worker holds at once: the one it runs and the next
 
 
 class InProcessFarm:
@@ -116,8 +116,9 @@ class LocalFarm:
     """A pool of spawned worker processes, each pinned to its own core."""
 
     def __init__(self, workers: int = 0, cache_root: str | None = None, log_dir: str | Path | None = None,
-                 max_attempts: int = 3, cores: list[int] | None = None):
+                 max_attempts: int = 3, cores: list[int] | None = None, queue_depth: int = QUEUE_DEPTH):
         self.cores = cores or sorted(os.sched_getaffinity(0))
+        self.queue_depth = queue_depth
         count = workers or len(self.cores)
         self.cache_root, self.max_attempts = cache_root, max_attempts
         self.log_dir = Path(log_dir) if log_dir else None
@@ -205,7 +206,7 @@ class LocalFarm:
         while done < len(items):
             # Each worker gets one unit before any gets a second, so that the
             # longest units start first; then every worker keeps one queued.
-            for depth in range(1, PREFETCH + 1):
+            for depth in range(1, self.queue_depth + 1):
                 for worker in self.workers:
                     if len(worker.tasks) < depth and pending:
                         task = pending.popleft()

@@ -82,8 +82,9 @@ class Stability:
 
 
 def stability(evals: list[dict]) -> Stability:
-    """Evaluations come every eval interval; a violating one is counted as lasting
-    until the next, so any violation is one longer than a 15 s PBT interval."""
+    """Evaluations come every eval interval (90 s by default); a violating one is
+    counted as lasting until the next, so any violation counts as one longer
+    than a PBT interval (1 s by default), the criterion's strictest reading."""
     start = evals[0]["best"]
     starting = evals[0]["members"]
     halved_at, running_min, violations, worst, collapses, collapsed = None, math.inf, 0, 0.0, 0, False

@@ -12,7 +12,9 @@ The champion (``pbt.champion``, issue #8): an archive of the best snapshot seen
 every tournament on the same tasks as the pair; the loser copies it instead of
 the winner when it beats the winner. A winner that beats it is a challenger:
 both are scored again on ``pbt.champion_confirm_tasks`` further fresh tasks, and
-the challenger replaces the champion only if it wins there too. A population
+the challenger replaces the champion only if it wins there too, by a margin of
+``pbt.champion_confidence`` standard errors of its per-task advantage (with a
+tournament every second, any margin let the champion random-walk on noise). A population
 that has collapsed, or drifted, can thus always recover what it once reached,
 and the champion changes only by losing twice on the training distribution.
 Another rail, not an update rule: it only ever holds weights lopts produced.
@@ -21,6 +23,7 @@ Another rail, not an update rule: it only ever holds weights lopts produced.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -56,6 +59,7 @@ class PBTEvent:
     # The challenge on further tasks (nan: no challenge, or confirmation off).
     confirm_winner_score: float = float("nan")
     confirm_champion_score: float = float("nan")
+    confirm_t: float = float("nan")  # the winner's mean advantage there, in standard errors
 
     def as_record(self) -> dict:
         return {"kind": "pbt", **asdict(self)}
@@ -95,8 +99,9 @@ class ScoringFailed(RuntimeError):
     """A tournament's scoring unit failed on the farm; the tournament is skipped."""
 
 
-def score_members(map_fn, config: Config, members: list[Member], specs) -> np.ndarray:
-    """Mean over tasks and steps of ℓ/ℓ_init (clipped): lower is better.
+def task_scores(map_fn, config: Config, members: list[Member], specs) -> np.ndarray:
+    """[task, member]: mean over steps of ℓ/ℓ_init (clipped), lower is better;
+    inf for a member with non-finite weights.
 
     One unit per task, each training every compared member side by side.
     """
@@ -107,9 +112,25 @@ def score_members(map_fn, config: Config, members: list[Member], specs) -> np.nd
         if not isinstance(curves, np.ndarray):
             raise ScoringFailed(f"a scoring unit failed: {curves}")
         per_task.append(ratio_to_initial(curves, curves[0:1]).mean(axis=0))
-    scores = np.mean(per_task, axis=0)
     finite = np.array([is_finite_member(m) for m in members])
-    return np.where(finite, scores, np.inf)
+    return np.where(finite, np.stack(per_task), np.inf)
+
+
+def score_members(map_fn, config: Config, members: list[Member], specs) -> np.ndarray:
+    """Mean over tasks of ``task_scores``: one score per member, lower is better."""
+    return task_scores(map_fn, config, members, specs).mean(axis=0)
+
+
+def advantage_t(advantage: np.ndarray) -> float:
+    """Paired t statistic of per-task advantages (> 0: the challenger did
+    better): their mean in standard errors; ±inf when they all agree exactly."""
+    mean = float(np.mean(advantage))
+    if len(advantage) < 2 or not np.isfinite(mean):
+        return mean if np.isfinite(mean) else -np.inf
+    error = float(np.std(advantage, ddof=1)) / np.sqrt(len(advantage))
+    if error > 0:
+        return mean / error
+    return 0.0 if mean == 0 else math.copysign(math.inf, mean)
 
 
 def exploit(members: list[Member], winner: int, loser: int) -> None:
@@ -178,13 +199,15 @@ def tournament(
         restore_champion(members, champion, loser)
     else:
         exploit(members, winner, loser)
-    confirm = (float("nan"), float("nan"))
+    confirm, confirm_t = (float("nan"), float("nan")), float("nan")
     challenged = champion is not None and winner_score < champion_score
     confirmed = not config.pbt.champion_confirm_tasks
     if challenged and not confirmed:
         confirm_specs = tournament_tasks(config, event_index, config.pbt.champion_confirm_tasks, CONFIRM_STREAM)
-        confirm = tuple(float(x) for x in score_members(map_fn, config, [members[winner], champion], confirm_specs))
-        confirmed = confirm[0] < confirm[1]
+        per_task = task_scores(map_fn, config, [members[winner], champion], confirm_specs)
+        confirm = tuple(float(x) for x in per_task.mean(axis=0))
+        confirm_t = advantage_t(per_task[:, 1] - per_task[:, 0])
+        confirmed = confirm[0] < confirm[1] and confirm_t >= config.pbt.champion_confidence
     replaced = config.pbt.champion and (champion is None or challenged and confirmed)
     if replaced:
         champion = crown(members[winner], winner, round_index)
@@ -214,4 +237,5 @@ def tournament(
         champion_replaced=replaced,
         confirm_winner_score=confirm[0],
         confirm_champion_score=confirm[1],
+        confirm_t=confirm_t,
     ), champion

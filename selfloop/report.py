@@ -37,7 +37,9 @@ def format_record(record: dict) -> str | None:
         challenge = record.get("confirm_winner_score", float("nan")), record.get("confirm_champion_score", float("nan"))
         if challenge[0] == challenge[0]:  # the winner challenged the champion on further tasks
             verdict = "replaced" if record.get("champion_replaced") else "kept"
-            changes.append(f"champion {champion:.3f}, challenge {challenge[0]:.3f} vs {challenge[1]:.3f}: {verdict}")
+            t = record.get("confirm_t", float("nan"))
+            changes.append(f"champion {champion:.3f}, challenge {challenge[0]:.3f} vs {challenge[1]:.3f} "
+                           f"(t {t:.1f}): {verdict}")
         elif champion == champion:  # not nan
             changes.append(f"champion {champion:.3f}" + (" replaced" if record.get("champion_replaced") else ""))
         elif record.get("champion_replaced"):

@@ -68,7 +68,10 @@ class TaskProgram:
         family = TASK_FAMILIES[family_name]
         bucket = family.buckets[bucket_index]
         self.family, self.bucket, self.optimizer = family, bucket, optimizer
-        self.data = jax.tree_util.tree_map(jnp.asarray, family.dataset(bucket))
+        # Concrete even when first built inside a trace (a checkpoint's shapes
+        # are checked with eval_shape): this object is cached for the process.
+        with jax.ensure_compile_time_eval():
+            self.data = jax.tree_util.tree_map(jnp.asarray, family.dataset(bucket))
         self._start = jax.jit(self._start_impl)
         self._advance = jax.jit(self._advance_impl, static_argnums=(0,), donate_argnums=(2,))
 

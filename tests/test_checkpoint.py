@@ -224,3 +224,22 @@ def test_kill_9_at_random_moments_always_leaves_a_resumable_checkpoint(smoke_con
     assert resumes[-1]["path"] == previous.name
     assert records[-1]["kind"] == "end" and records[-1]["round"] == resumed_round + 2
     assert any(r["kind"] == "checkpoint_skipped" and r["path"] == newest.name for r in records)
+
+
+def test_reading_a_checkpoint_before_any_training_leaves_no_tracer_behind(smoke_config):
+    """Regression: checking a checkpoint traces ``new_slot`` (``Templates.slot_state``),
+    which built and cached a task program inside the trace, its dataset a tracer;
+    the first real unit after a resume in a fresh process then failed with
+    UnexpectedTracerError. A lopt no other test builds keys a program of its own."""
+    from selfloop.checkpoint import Templates
+    from selfloop.estimators import new_slot
+    from selfloop.lopt import make_lopt
+    from selfloop.population import context_for
+    from selfloop.tasks.sampler import sample_training_task
+
+    config = dataclasses.replace(smoke_config, lopt=dataclasses.replace(smoke_config.lopt, hidden=7))
+    spec = sample_training_task(np.random.default_rng(0), ("digits_mlp",))  # a family with a dataset
+    Templates.of(config).slot_state(spec)
+    lopt = make_lopt(config.lopt)
+    state = new_slot(lopt, spec, lopt.init_theta(jax.random.PRNGKey(0)), config.estimator, context_for(config).horizon)
+    assert all(np.isfinite(leaf).all() for leaf in _leaves(state.inners))

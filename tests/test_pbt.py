@@ -9,7 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from selfloop.farm import InProcessFarm
-from selfloop.pbt import CONFIRM_STREAM, COPIED, crown, exploit, explore, tournament, tournament_tasks
+from selfloop.pbt import (
+    CONFIRM_STREAM,
+    COPIED,
+    advantage_t,
+    crown,
+    exploit,
+    explore,
+    tournament,
+    tournament_tasks,
+)
 from selfloop.population import init_population
 
 
@@ -121,34 +130,63 @@ def test_without_the_champion_setting_no_champion_is_kept(smoke_config):
     assert champion is None and not event.champion_replaced and event.source == "winner"
 
 
-def test_a_challenger_replaces_the_champion_only_if_it_also_wins_the_confirmation(smoke_config):
-    config = dataclasses.replace(
-        smoke_config, pbt=dataclasses.replace(smoke_config.pbt, p_outer_redraw=0.0, p_truncation_redraw=0.0)
-    )
-    assert config.pbt.champion_confirm_tasks > 0  # on by default
-    confirm_specs = tournament_tasks(config, 0, config.pbt.champion_confirm_tasks, CONFIRM_STREAM)
-    assert len(confirm_specs) == config.pbt.champion_confirm_tasks
-    assert confirm_specs[0] != tournament_tasks(config, 0)[0]  # a draw of its own
+def _close_challenges(config, seed: int, count: int = 40):
+    """Tournaments among fresh near-copies (±5 % per weight) of the champion,
+    so that challenges are close and go either way; yields (champion before,
+    event, champion after)."""
     members = init_population(config)
     champion = crown(members[0], 0, round_index=0)
-    rng = np.random.default_rng(0)
-    verdicts = set()
-    for event_index in range(40):
-        # Fresh near-copies of the champion: challenges are close, and go either way.
+    rng = np.random.default_rng(seed)
+    for event_index in range(count):
         for member in members:
             member.theta = jax.tree_util.tree_map(lambda x: x * (1 + 0.05 * rng.standard_normal(x.shape)),
                                                   champion.theta)  # fmt: skip
         before = champion
         event, champion = tournament(members, InProcessFarm().map, config, np.random.default_rng(event_index),
                                      event_index, event_index, champion)  # fmt: skip
+        yield before, event, champion
+
+
+def test_a_challenger_replaces_the_champion_only_if_it_also_wins_the_confirmation(smoke_config):
+    # Any margin on the further tasks suffices here; the margin is tested below.
+    pbt = dataclasses.replace(smoke_config.pbt, p_outer_redraw=0.0, p_truncation_redraw=0.0, champion_confidence=0.0)
+    config = dataclasses.replace(smoke_config, pbt=pbt)
+    assert config.pbt.champion_confirm_tasks > 0  # on by default
+    confirm_specs = tournament_tasks(config, 0, config.pbt.champion_confirm_tasks, CONFIRM_STREAM)
+    assert len(confirm_specs) == config.pbt.champion_confirm_tasks
+    assert confirm_specs[0] != tournament_tasks(config, 0)[0]  # a draw of its own
+    verdicts = set()
+    for before, event, champion in _close_challenges(config, seed=0):
         challenged = event.winner_score < event.champion_score
         assert challenged == np.isfinite(event.confirm_winner_score)
         if not challenged:
             assert champion is before and not event.champion_replaced
             continue
         won = event.confirm_winner_score < event.confirm_champion_score
+        assert np.isfinite(event.confirm_t) and (event.confirm_t > 0) == won
         assert event.champion_replaced == won and (champion is not before) == won
         verdicts.add(won)
         if verdicts == {True, False}:
             return
     raise AssertionError(f"40 tournaments gave only these challenge outcomes: {verdicts}")
+
+
+def test_the_champion_falls_only_to_an_advantage_larger_than_its_noise():
+    steady = np.full(8, 0.01)  # 1 % better on every task
+    noisy = np.array([0.2, -0.15, 0.1, -0.12, 0.05, -0.02, 0.03, -0.01])  # better on average, by luck
+    assert advantage_t(steady) == np.inf and advantage_t(-steady) == -np.inf
+    assert 0 < advantage_t(noisy) < 1
+    assert advantage_t(steady + 0.01 * np.arange(8)) > 2  # consistent, if uneven: well above its error
+    assert np.isclose(advantage_t(noisy), noisy.mean() / (noisy.std(ddof=1) / np.sqrt(8)))
+
+
+def test_a_challenger_that_wins_by_less_than_the_confidence_keeps_the_champion(smoke_config):
+    pbt = dataclasses.replace(smoke_config.pbt, p_outer_redraw=0.0, p_truncation_redraw=0.0, champion_confidence=50.0)
+    config = dataclasses.replace(smoke_config, pbt=pbt)
+    narrow_wins = 0
+    for before, event, champion in _close_challenges(config, seed=1):
+        assert champion is before and not event.champion_replaced
+        narrow_wins += bool(event.confirm_winner_score < event.confirm_champion_score)
+        if narrow_wins >= 2:
+            return
+    raise AssertionError(f"only {narrow_wins} challengers won on the further tasks: nothing was tested")
