@@ -58,7 +58,7 @@ def drift(config, champion, run_dir: Path, seconds: float, every: float, cache: 
         for member in state.members:
             member.theta, member.outer_state = champion.theta, champion.outer_state
         state.champion = champion
-        scores, shortened, rejected, rollbacks = [], 0, 0, 0
+        scores, shortened, rejected = [], 0, 0
         training, started = 0.0, time.time()
         scores.append((0.0, trainer.evaluate(state, started)["members"]))
         while training < seconds:

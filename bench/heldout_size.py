@@ -60,8 +60,12 @@ def collect(run_dirs: list[Path], config) -> tuple[list[str], list]:
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    rank = lambda x: np.argsort(np.argsort(x))  # noqa: E731
-    return float(np.corrcoef(rank(a), rank(b))[0, 1])
+    """Rank correlation (no ties among these scores)."""
+    return float(np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1])
+
+
+def with_tournament_length(config, steps: int):
+    return dataclasses.replace(config, pbt=dataclasses.replace(config.pbt, steps=steps, chunk=50))
 
 
 def main() -> None:
@@ -83,16 +87,16 @@ def main() -> None:
     contestants = [SimpleNamespace(theta=theta) for theta in thetas]
     heldout = heldout_tasks(args.small + args.large, config.tasks.families, config.eval.seed)
     training = tournament_tasks(config, 0, args.train, STREAM)
-    at = lambda steps: dataclasses.replace(config, pbt=dataclasses.replace(config.pbt, steps=steps, chunk=50))  # noqa: E731
     farm = LocalFarm(cache_root=cache, log_dir=Path(tempfile.mkdtemp()))
     farm.wait_ready()
     try:
-        per_task = task_scores(farm.map, at(config.eval.steps), contestants, list(heldout))
+        per_task = task_scores(farm.map, with_tournament_length(config, config.eval.steps), contestants, list(heldout))
         scores = {f"held-out, first {args.small}": per_task[: args.small].mean(axis=0)}
         large = per_task[args.small :].mean(axis=0)
         for steps in args.lengths:
+            at_length = with_tournament_length(config, steps)
             scores[f"{args.train} training tasks, {steps} steps"] = task_scores(
-                farm.map, at(steps), contestants, training
+                farm.map, at_length, contestants, training
             ).mean(axis=0)
     finally:
         farm.close()
