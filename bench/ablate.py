@@ -7,7 +7,7 @@ that already reached the budget are read, not rerun, and a run that was cut
 short is resumed for the minutes it lacks, so the whole sweep can be stopped
 and started again.
 
-    python bench/ablate.py --minutes 20                       # 9 runs, ~3 hours on 2 cores
+    python bench/ablate.py --minutes 20                       # 8 runs, ~3 hours on 2 cores
     python bench/ablate.py --minutes 20 --only "all on" "no guard"
 """
 
