@@ -82,7 +82,7 @@ class Stability:
 
 
 def stability(evals: list[dict]) -> Stability:
-    """Evaluations come every eval interval (90 s by default); a violating one is
+    """Evaluations come every eval interval (120 s by default); a violating one is
     counted as lasting until the next, so any violation counts as one longer
     than a PBT interval (1 s by default), the criterion's strictest reading."""
     start = evals[0]["best"]
