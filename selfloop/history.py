@@ -17,14 +17,37 @@ from selfloop.baselines import ADAM_LEARNING_RATES
 
 
 def read_events(path: str | Path) -> list[dict]:
-    """Every record of an event log, in order (a torn last line is skipped)."""
+    """The records of a run's event log that its resumed timeline kept, in order
+    (a torn last line is skipped; see ``surviving``)."""
     records = []
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             print(f"{path}:{number}: skipping an unreadable line", file=sys.stderr)
-    return records
+    return surviving(records)
+
+
+def surviving(records: list[dict]) -> list[dict]:
+    """Drop what a crash undid. A session killed after its last checkpoint logged
+    rounds, tournaments and perhaps an evaluation that its resume repeats from
+    that checkpoint; counting them too would count that stretch twice. So a
+    ``resume`` record cuts the previous sessions' records back to the
+    ``checkpoint`` record it names (or, when that record was lost with the
+    crash, to the rounds up to the one it resumed)."""
+    kept: list[dict] = []
+    for record in records:
+        if record["kind"] == "resume":
+            session = max((i for i, r in enumerate(kept) if r["kind"] == "start"), default=len(kept))
+            before, current = kept[:session], kept[session:]
+            named = [i for i, r in enumerate(before) if r["kind"] == "checkpoint" and r.get("path") == record["path"]]
+            if named:
+                before = before[: named[-1] + 1]
+            else:
+                before = [r for r in before if r.get("round", 0) <= record["round"]]
+            kept = before + current
+        kept.append(record)
+    return kept
 
 
 def first_time_below(evals: list[dict], threshold_key: str) -> float | None:
@@ -63,10 +86,16 @@ def summary(records: list[dict]) -> str:
 
 def within(records: list[dict], minutes: float | None) -> list[dict]:
     """The records of the first ``minutes`` of run time (all when None): a shorter budget, read
-    from a longer run (stopping a run later does not change its first minutes)."""
+    from a longer run (stopping a run later does not change its first minutes). A run stopped
+    by its budget finishes the round under way and then evaluates it, after the budget has run
+    out; that evaluation belongs to the budget too."""
     if minutes is None:
         return records
-    return [r for r in records if r.get("elapsed", 0.0) <= 60.0 * minutes]
+    limit = 60.0 * minutes
+    rounds_past = (r["round"] for r in records if r["kind"] == "round" and r["elapsed"] > limit)
+    last_round = next(rounds_past, math.inf)  # the round under way when the budget ran out
+    return [r for r in records
+            if r.get("elapsed", 0.0) <= limit or (r["kind"] == "eval" and r["round"] <= last_round)]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -105,18 +134,20 @@ def stability(evals: list[dict]) -> Stability:
 def ablation_table(runs: dict[str, list[dict]]) -> str:
     """One markdown row per run: time to beat Adam, collapses, final best."""
     lines = [
-        "| run | minutes | first beat best fixed-lr Adam | first beat tuned Adam | collapses "
+        "| run | minutes | inner steps (M) | first beat best fixed-lr Adam | first beat tuned Adam | collapses "
         "| criterion violations | lowest best | final best |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, records in runs.items():
         evals = [r for r in records if r["kind"] == "eval"]
         result = stability(evals)
         beat_fixed, beat_tuned = (first_time_below(evals, k) for k in ("adam_best_fixed", "adam_tuned"))
         when = [f"{t / 60:.1f} min" if t is not None else "never" for t in (beat_fixed, beat_tuned)]
+        # The training work the budget bought: what a mechanism's own cost in time took away.
+        inner_steps = max((r.get("inner_steps", 0) for r in records if r["kind"] == "round"), default=0)
         lines.append(
-            f"| {name} | {evals[-1]['elapsed'] / 60:.0f} | {when[0]} | {when[1]} | {result.collapses} "
-            f"| {result.violations} | {result.lowest_best:.3f} | {result.final_best:.3f} |"
+            f"| {name} | {evals[-1]['elapsed'] / 60:.0f} | {inner_steps / 1e6:.1f} | {when[0]} | {when[1]} "
+            f"| {result.collapses} | {result.violations} | {result.lowest_best:.3f} | {result.final_best:.3f} |"
         )
     return "\n".join(lines)
 
