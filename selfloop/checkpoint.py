@@ -66,6 +66,8 @@ FROZEN_KEYS = (
     "lopt.arch",
     "lopt.hidden",
     "lopt.lstm_hidden",
+    "lopt.features",
+    "lopt.odd",
     "estimator.kind",
     "estimator.pairs",
 )

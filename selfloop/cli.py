@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from selfloop.config import ConfigError, load_config
+from selfloop.config import ALL_FAMILIES, ConfigError, load_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 
@@ -119,6 +119,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="T inner steps per task (default: eval.steps)")
     parser.add_argument("--workers", type=int, help="local worker processes (0: all cores)")
     parser.add_argument("--out", type=Path, help="output folder (default: <checkpoint-dir>/eval-r<round>-E<E>-T<T>)")
+    parser.add_argument("--families", help="comma-separated task families to evaluate on (default: tasks.families); "
+                        "families a run never trained on measure how it generalizes")
     parser.add_argument("--optimizer", type=Path, action="append",
                         help="evaluate this exported optimizer file instead of the checkpoint's members; repeatable")
     return parser
@@ -139,7 +141,12 @@ def eval_main(argv: list[str]) -> int:
     cfg = config.eval
     # A second held-out set (seed eval.seed + 1): the run's own evaluations, and with them
     # `export --member best`, chose among members on the first, so report on fresh instances.
-    specs = heldout_tasks(cfg.tasks, config.tasks.families, cfg.seed + 1)
+    families = tuple(args.families.split(",")) if args.families else config.tasks.families
+    unknown = sorted(set(families) - set(ALL_FAMILIES))
+    if unknown:
+        print(f"error: --families: unknown {unknown} (known: {', '.join(ALL_FAMILIES)})", file=sys.stderr)
+        return 2
+    specs = heldout_tasks(cfg.tasks, families, cfg.seed + 1)
     if args.optimizer:
         from selfloop.export import load_theta
 

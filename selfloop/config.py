@@ -104,6 +104,13 @@ class LOptConfig:
     arch: str = one_of(("mlp", "hierarchical"), "mlp")
     hidden: int = positive(32)  # per-parameter MLP width (both architectures)
     lstm_hidden: int = positive(64)  # hierarchical only: the per-tensor LSTM's width
+    # mlp only (selfloop/lopt/mlp.py): "per_tensor" normalizes g and every
+    # momentum on its own; "relative" measures them against one running
+    # gradient scale per tensor, so noise and a vanished gradient look small.
+    features: str = one_of(("per_tensor", "relative"), "per_tensor")
+    # mlp only: the step is an odd function of the gradient channels (no
+    # gradient, no step; no learned step that ignores the gradient).
+    odd: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,6 +162,13 @@ class EvalConfig:
     interval_rounds: int = non_negative(0)
     interval_seconds: float = non_negative(600.0)
     seed: int = 20210101  # fixed, so held-out sets agree across runs
+    # Whole families left out of training (none of them may be in
+    # tasks.families) and evaluated beside the in-family held-out set, as many
+    # tasks per family as that set has: does the learned optimizer generalize
+    # to problems of a kind it never trained on?
+    unseen_families: tuple[str, ...] = _check(
+        lambda v: all(x in ALL_FAMILIES for x in v), f"a list drawn from {list(ALL_FAMILIES)} (may be empty)", ()
+    )
 
 
 @dataclass(frozen=True)
@@ -215,6 +229,12 @@ class Config:
             raise ConfigError("tasks.horizon_max: expected >= tasks.horizon_min")
         if self.checkpoint.interval_seconds == 0 and self.checkpoint.interval_rounds == 0:
             raise ConfigError("checkpoint.interval_seconds: both it and checkpoint.interval_rounds are 0 (never)")
+        trained = sorted(set(self.eval.unseen_families) & set(self.tasks.families))
+        if trained:
+            raise ConfigError(f"eval.unseen_families: {trained} also in tasks.families; a held-out family must be "
+                              "left out of training")
+        if self.lopt.arch != "mlp" and (self.lopt.features != "per_tensor" or self.lopt.odd):
+            raise ConfigError(f"lopt.features / lopt.odd: only the mlp architecture has them, not {self.lopt.arch!r}")
         if self.farm.engine == "dask" and not self.farm.scheduler:
             raise ConfigError("farm.scheduler: the dask engine needs an address such as tcp://HOST:8786")
 

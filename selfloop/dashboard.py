@@ -78,6 +78,7 @@ class DashboardState:
     adam_best_fixed: float = math.nan
     adam_tuned: float = math.nan
     champion: float = math.nan  # the PBT champion's held-out loss (it is scored beside the members)
+    unseen: dict | None = None  # the newest scores on families left out of training (eval.unseen_families)
     status: str = "starting"
 
     def ensure_members(self, count: int) -> None:
@@ -121,6 +122,7 @@ def apply(state: DashboardState, record: dict, now: float | None = None) -> None
         state.best, state.best_member = record["best"], record["best_member"]
         state.champion = math.nan if record.get("champion") is None else record["champion"]
         state.adam_best_fixed, state.adam_tuned = record["adam_best_fixed"], record["adam_tuned"]
+        state.unseen = record.get("unseen")
     elif kind == "pbt":
         state.last_pbt = (record.get("elapsed", state.elapsed), record["round"])
         state.ensure_members(max(record["winner"], record["loser"]) + 1)
@@ -226,6 +228,9 @@ def render(state: DashboardState, in_flight: int = 0, now: float | None = None) 
         f"next PBT in {next_pbt}   next checkpoint in {next_checkpoint}   rollbacks {state.rollbacks}   "
         f"inner steps {state.inner_steps:,}",
         f"held-out best: {versus}",
+        *([f"unseen families: best {state.unseen['best']:.3f} vs Adam best fixed lr "
+           f"{state.unseen['adam_best_fixed']:.3f}; per-task tuned {state.unseen['adam_tuned']:.3f}"]
+          if state.unseen else []),
     )), no_wrap=True, overflow="ellipsis")  # fmt: skip
     events = Text("\n".join(state.events) if state.events else "no PBT events yet", no_wrap=True, overflow="ellipsis")
     return Group(

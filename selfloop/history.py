@@ -55,21 +55,58 @@ def first_time_below(evals: list[dict], threshold_key: str) -> float | None:
     return next((e["elapsed"] for e in evals if e["best"] < e[threshold_key]), None)
 
 
+def inner_steps_at_evals(records: list[dict]) -> list[int]:
+    """Inner training steps the run had taken at each evaluation (those of its last round before it)."""
+    steps, at_evals = 0, []
+    for record in records:
+        if record["kind"] == "round":
+            steps = record.get("inner_steps", steps)
+        elif record["kind"] == "eval":
+            at_evals.append(steps)
+    return at_evals
+
+
+@dataclass(frozen=True)
+class RailUse:
+    """How often the outer-step rails acted, over every member's outer steps."""
+
+    outer_steps: int
+    shortened: int  # by the step-size rail
+    rejected: int  # non-finite
+
+    @property
+    def shortened_fraction(self) -> float:
+        return self.shortened / max(self.outer_steps, 1)
+
+
+def rail_use(records: list[dict]) -> RailUse:
+    rounds = [r for r in records if r["kind"] == "round"]
+    return RailUse(
+        outer_steps=sum(r.get("outer_steps", len(r.get("meta_loss", ()))) for r in rounds),  # older logs: one a member
+        shortened=sum(r.get("shortened", 0) for r in rounds),
+        rejected=sum(r.get("rejected", 0) for r in rounds),
+    )
+
+
 def summary(records: list[dict]) -> str:
     """A plain-text table of the held-out evaluations of one run."""
     evals = [r for r in records if r["kind"] == "eval"]
     if not evals:
         return "no evaluations in this log"
-    lines = [f"{'round':>6} {'elapsed s':>10} {'best member':>12} {'best loss':>10} {'median':>8} {'champion':>9}"]
-    for e in evals:
+    lines = [f"{'round':>6} {'elapsed s':>10} {'inner M':>8} {'best member':>12} {'best loss':>10} {'median':>8} "
+             f"{'champion':>9}"]
+    for e, steps in zip(evals, inner_steps_at_evals(records)):
         members = sorted(e["members"])
         champion = e.get("champion")  # logs before the champion was evaluated lack it
         lines.append(
-            f"{e['round']:>6} {e['elapsed']:>10.1f} {'m' + str(e['best_member']):>12} "
+            f"{e['round']:>6} {e['elapsed']:>10.1f} {steps / 1e6:>8.2f} {'m' + str(e['best_member']):>12} "
             f"{e['best']:>10.3f} {members[len(members) // 2]:>8.3f} {'-' if champion is None else f'{champion:.3f}':>9}"
         )
     first, last = evals[0], evals[-1]
+    rails = rail_use(records)
     lines.append("")
+    lines.append(f"outer steps: {rails.outer_steps}; shortened by the step rail {rails.shortened_fraction:.1%}, "
+                 f"rejected as non-finite {rails.rejected}")
     lines.append(
         f"best member, held-out mean normalized loss: start {first['best']:.3f} -> end {last['best']:.3f} "
         f"(x{first['best'] / max(last['best'], 1e-12):.2f} lower); lowest seen {min(e['best'] for e in evals):.3f}"
@@ -78,6 +115,10 @@ def summary(records: list[dict]) -> str:
     for rate, value in zip(ADAM_LEARNING_RATES, last["adam_fixed"]):
         lines.append(f"  lr {rate:<8.2g} {value:.3f}")
     lines.append(f"  best fixed lr {last['adam_best_fixed']:.3f}   per-task tuned {last['adam_tuned']:.3f}")
+    if last.get("unseen"):
+        unseen = last["unseen"]
+        lines.append(f"families left out of training, last evaluation: best member {unseen['best']:.3f}; Adam best "
+                     f"fixed lr {unseen['adam_best_fixed']:.3f}, per-task tuned {unseen['adam_tuned']:.3f}")
     for label, key in (("best fixed-lr Adam", "adam_best_fixed"), ("per-task tuned Adam", "adam_tuned")):
         when = first_time_below(evals, key)
         lines.append(f"first beat {label}: " + (f"{when:.0f} s" if when is not None else "not within this run"))

@@ -16,6 +16,14 @@ def _members(values) -> str:
     return " ".join(f"{v:.3f}" for v in values)
 
 
+def _unseen(scores: dict | None) -> str:
+    """The unseen-families part of an eval line (empty when the run has none)."""
+    if not scores:
+        return ""
+    return (f"  | unseen families best {scores['best']:.3f} (Adam best fixed {scores['adam_best_fixed']:.3f} "
+            f"tuned {scores['adam_tuned']:.3f})")
+
+
 def format_record(record: dict) -> str | None:
     """One line for an event record, or None for records not shown."""
     kind = record["kind"]
@@ -78,6 +86,7 @@ def format_record(record: dict) -> str | None:
             f"{record['best']:.3f}  | Adam best fixed {record['adam_best_fixed']:.3f} tuned {record['adam_tuned']:.3f}"
             + (f"  | champion {record['champion']:.3f}" if record.get("champion") is not None else "")
             + f"  | members {_members(record['members'])}"
+            + _unseen(record.get("unseen"))
         )
     if kind == "progress":
         return f"...   {record['message']}"

@@ -28,7 +28,7 @@ from selfloop.farm import InProcessFarm, UnitFailure
 from selfloop.lopt import make_lopt
 from selfloop.pbt import ScoringFailed, tournament
 from selfloop.population import RunState, apply_outer_steps, context_for, init_population, outer_time_limit
-from selfloop.tasks.sampler import heldout_tasks
+from selfloop.tasks.sampler import heldout_tasks, unseen_family_tasks
 from selfloop.work import UnitResult, WorkUnit, run_unit, warm_up
 
 Report = Callable[[dict], None]
@@ -91,6 +91,16 @@ def absorb_results(state: RunState, results: Iterable[UnitResult], pairs: int) -
     return gradients
 
 
+def _scores_record(result, size: int, has_champion: bool) -> dict:
+    """Members' (and the champion's) mean normalized held-out loss beside Adam's on the same tasks."""
+    scores = result.members[:size]
+    return {
+        "members": scores, "best": float(scores.min()),
+        "champion": float(result.members[size]) if has_champion else None,
+        "adam_fixed": result.adam_fixed, "adam_best_fixed": result.best_fixed_adam, "adam_tuned": result.adam_tuned,
+    }  # fmt: skip
+
+
 class Trainer:
     """Holds what a run needs: config, farm, lopt, held-out set and its Adam reference."""
 
@@ -100,8 +110,10 @@ class Trainer:
         self.log = EventLog(run_dir / "events.jsonl", report)
         self.lopt = make_lopt(config.lopt)
         self.context = context_for(config)
-        self.heldout = heldout_tasks(config.eval.tasks, config.tasks.families, config.eval.seed)
-        self.reference = None
+        cfg = config.eval
+        self.heldout = heldout_tasks(cfg.tasks, config.tasks.families, cfg.seed)
+        self.unseen = unseen_family_tasks(cfg.tasks, config.tasks.families, cfg.unseen_families, cfg.seed)
+        self.reference = self.unseen_reference = None
         self._unit_seconds: dict[tuple[int, int], float] = {}  # (member, slot) -> last unit's compute time
 
     def compile_seconds(self) -> float:
@@ -118,7 +130,8 @@ class Trainer:
         on always has something to resume from."""
         resumed_from = None if found is None else found[0].round
         self.log({"kind": "start", "config": config_to_dict(self.config),
-                  "heldout": [s.describe() for s in self.heldout], "workers": self.farm.stats.workers,
+                  "heldout": [s.describe() for s in self.heldout], "unseen": [s.describe() for s in self.unseen],
+                  "workers": self.farm.stats.workers,
                   "run_dir": str(self.run_dir), "resumed_from": resumed_from})
         if found is None:
             state = self.new_state()
@@ -135,9 +148,12 @@ class Trainer:
         self.log({"kind": "progress", "message": f"compiling training programs on {self.farm.stats.workers} workers"})
         chunk = self.config.estimator.chunk
         self.farm.broadcast(functools.partial(warm_up, self.context, chunk))
-        self.log({"kind": "progress", "message": f"Adam reference: {len(self.heldout)} held-out tasks x 15 rates"})
         cfg = self.config.eval
+        tasks = len(self.heldout) + len(self.unseen)
+        self.log({"kind": "progress", "message": f"Adam reference: {tasks} held-out tasks x 15 rates"})
         self.reference = adam_reference(self.heldout, cfg.steps, cfg.chunk, self.farm.map, self.run_dir)
+        if self.unseen:
+            self.unseen_reference = adam_reference(self.unseen, cfg.steps, cfg.chunk, self.farm.map, self.run_dir)
 
     def new_state(self) -> RunState:
         return RunState(
@@ -154,6 +170,8 @@ class Trainer:
         try:
             result = evaluate_members(self.farm.map, self.config.lopt, thetas, self.heldout, cfg.steps, cfg.chunk,
                                       self.reference)
+            unseen = self.unseen and evaluate_members(self.farm.map, self.config.lopt, thetas, self.unseen,
+                                                      cfg.steps, cfg.chunk, self.unseen_reference)
         except EvaluationFailed as error:
             self.log({"kind": "eval_failed", "round": state.round, "error": str(error)[-2000:]})
             return None
@@ -163,11 +181,9 @@ class Trainer:
             member.history.append(float(score))
         record = {
             "kind": "eval", "round": state.round, "elapsed": time.time() - started,
-            "members": scores, "members_final": result.members_final[:size],
-            "best_member": int(np.argmin(scores)), "best": float(scores.min()),
-            "champion": float(result.members[size]) if champion is not None else None,
-            "adam_fixed": result.adam_fixed, "adam_best_fixed": result.best_fixed_adam,
-            "adam_tuned": result.adam_tuned,
+            **_scores_record(result, size, champion is not None),
+            "best_member": int(np.argmin(scores)), "members_final": result.members_final[:size],
+            "unseen": _scores_record(unseen, size, champion is not None) if unseen else None,
         }
         self.log(record)
         return record
@@ -230,9 +246,12 @@ class Trainer:
             "truncation": [m.truncation for m in state.members],
             "steps": [m.steps for m in state.members],
             "age": [m.steps - m.last_exploit_step for m in state.members],  # outer steps since last copied
+            "outer_steps": len(steps),
             "rejected": int(sum(not bool(s.accepted) for s in steps.values())),
             "meta_loss_ema": [m.guard.ema for m in state.members],
             "shortened": int(sum(bool(s.shortened) for s in steps.values())),
+            # ‖Δθ‖/‖θ‖ as the outer optimizers proposed it, before the step rail: what a rail would cut.
+            "step_ratio": float(np.median([float(s.step_ratio) for s in steps.values()])) if steps else None,
             "replaced_tasks": int(sum(r.replaced for r in results)),
             "failed_units": len(state.members) * self.config.population.tasks_per_member - len(results),
             "inner_steps": state.inner_steps,

@@ -243,3 +243,22 @@ def test_reading_a_checkpoint_before_any_training_leaves_no_tracer_behind(smoke_
     lopt = make_lopt(config.lopt)
     state = new_slot(lopt, spec, lopt.init_theta(jax.random.PRNGKey(0)), config.estimator, context_for(config).horizon)
     assert all(np.isfinite(leaf).all() for leaf in _leaves(state.inners))
+
+
+def test_families_left_out_of_training_are_evaluated_beside_the_heldout_set(smoke_config, tmp_path):
+    tasks = dataclasses.replace(smoke_config.tasks, families=("quadratic",))
+    config = dataclasses.replace(smoke_config, tasks=tasks,
+                                 eval=dataclasses.replace(smoke_config.eval, unseen_families=("test2d",)))
+    records = []
+    trainer = Trainer(config, tmp_path, report=records.append)
+    assert {s.family for s in trainer.heldout} == {"quadratic"} and {s.family for s in trainer.unseen} == {"test2d"}
+    assert len(trainer.unseen) == len(trainer.heldout)  # as many tasks per family as the in-family set
+    trainer.prepare()
+    state = trainer.begin(None)
+    trainer.train(state, max_minutes=0, max_rounds=2)
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert evals and all(len(e["unseen"]["members"]) == config.population.size for e in evals)
+    assert all(e["unseen"]["members"] is not e["members"] for e in evals)
+    assert np.all(np.isfinite(evals[-1]["unseen"]["members"])) and evals[-1]["unseen"]["adam_tuned"] <= 1.0
+    # Held-out sets differ by family, so the two columns are different numbers.
+    assert not np.allclose(evals[-1]["unseen"]["members"], evals[-1]["members"])

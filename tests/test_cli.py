@@ -73,3 +73,11 @@ def test_seed_changes_the_run(tmp_path):
         rounds = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
         outputs.append([r["meta_loss"] for r in rounds if r["kind"] == "round"])
     assert outputs[0] != outputs[1]
+
+
+def test_eval_refuses_an_unknown_family_with_status_2(tmp_path):
+    from selfloop.cli import main
+
+    status = main(["eval", "--config", "configs/smoke.toml", "--checkpoint-dir", str(tmp_path / "run"),
+                   "--families", "quadratic,imagenet"])
+    assert status == 2 and not (tmp_path / "run").exists()

@@ -39,6 +39,10 @@ def test_paper_config_has_the_papers_sizes():
         ({"pbt": {"p_outer_redraw": 1.5}}, "pbt.p_outer_redraw: expected a probability"),
         ({"tasks": {"families": ["quadratic", "imagenet"]}}, "tasks.families: expected a non-empty list drawn from"),
         ({"bogus": {}}, "unknown section [bogus]"),
+        ({"lopt": {"features": "adam"}}, "lopt.features: expected one of ['per_tensor', 'relative']"),
+        ({"lopt": {"arch": "hierarchical", "odd": True}}, "lopt.features / lopt.odd: only the mlp architecture"),
+        ({"eval": {"unseen_families": ["imagenet"]}}, "eval.unseen_families: expected a list drawn from"),
+        ({"eval": {"unseen_families": ["char_rnn"]}}, "eval.unseen_families: ['char_rnn'] also in tasks.families"),
         (
             {"population": {"truncations": [25]}, "estimator": {"chunk": 10}},
             "population.truncations: 25 is not a multiple",

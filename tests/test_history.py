@@ -79,3 +79,18 @@ def test_a_budget_keeps_the_final_evaluation_of_its_last_round():
     kept = within(records, 15)
     assert [r["best"] for r in kept if r["kind"] == "eval"] == [1.0, 0.3]
     assert within(records, None) == records
+
+
+def test_summary_counts_inner_steps_and_rail_use():
+    from selfloop.history import inner_steps_at_evals, rail_use, summary
+
+    def round_record(index, inner_steps, shortened, outer_steps=2):
+        return {"kind": "round", "round": index, "elapsed": float(index), "meta_loss": [0.5, 0.6],
+                "inner_steps": inner_steps, "shortened": shortened, "rejected": 0, "outer_steps": outer_steps}
+
+    records = [_eval(0, [1.0, 1.1]), round_record(1, 1000, 2), round_record(2, 3000, 0, outer_steps=1),
+               _eval(2, [0.5, 0.9]), round_record(3, 4000, 1)]
+    assert inner_steps_at_evals(records) == [0, 3000]
+    rails = rail_use(records)
+    assert (rails.outer_steps, rails.shortened) == (5, 3) and rails.shortened_fraction == pytest.approx(0.6)
+    assert "shortened by the step rail 60.0%" in summary(records)

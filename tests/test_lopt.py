@@ -103,3 +103,115 @@ def test_same_update_trains_a_task_and_another_lopt():
         not np.allclose(a, b)
         for a, b in zip(jax.tree_util.tree_leaves(new_theta), jax.tree_util.tree_leaves(inner_theta))
     )
+
+
+RELATIVE_ODD = LOptConfig(features="relative", odd=True)
+
+
+def _step(config: LOptConfig, grads, params, state=None, key=6):
+    lopt = make_lopt(config)
+    theta = lopt.init_theta(jax.random.PRNGKey(key))
+    state = lopt.init_state(params) if state is None else state
+    new_params, new_state = lopt.update(theta, params, grads, state)
+    return jax.tree_util.tree_map(jnp.subtract, params, new_params), new_state
+
+
+def test_relative_channels_exact_after_one_step():
+    """After one gradient the running scale is that gradient's RMS (bias-corrected)."""
+    from selfloop.lopt.mlp import GRAD_SCALE_DECAY, relative_channels, tensor_rms
+
+    g = jnp.array([[0.3, -1.2], [2.0, 0.1]])
+    rms = float(np.sqrt(np.mean(np.square(np.asarray(g)))))
+    np.testing.assert_allclose(tensor_rms(g), rms, rtol=1e-6)
+    np.testing.assert_allclose(tensor_rms(g * 1e-30), rms * 1e-30, rtol=1e-5)
+    np.testing.assert_allclose(tensor_rms(g * 1e30), rms * 1e30, rtol=1e-5)
+    momentum = (1.0 - jnp.asarray(DECAYS)) * g[..., None]
+    _, state = _step(RELATIVE_ODD, {"w": g}, {"w": jnp.ones((2, 2))})
+    unbiased = state.grad_scale["w"] / state.scale_weight
+    np.testing.assert_allclose(unbiased, rms, rtol=1e-5)
+    np.testing.assert_allclose(state.scale_weight, 1.0 - GRAD_SCALE_DECAY, rtol=1e-5)
+    expected = np.concatenate([np.asarray(g)[..., None], np.asarray(momentum)], axis=-1) / rms
+    np.testing.assert_allclose(relative_channels(g, momentum, unbiased), expected, rtol=1e-4)
+
+
+def test_odd_lopt_takes_no_step_without_gradient():
+    params = {"w": jnp.linspace(-2.0, 2.0, 12).reshape(3, 4), "b": jnp.ones(4)}
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    step, state = _step(RELATIVE_ODD, zeros, params)
+    assert all(np.all(np.asarray(x) == 0.0) for x in jax.tree_util.tree_leaves(step))
+    assert int(state.step) == 1
+    # Without the symmetry the same weights do move: the MLP's biases and the weight channel.
+    step, _ = _step(LOptConfig(features="relative"), zeros, params)
+    assert any(np.any(np.asarray(x) != 0.0) for x in jax.tree_util.tree_leaves(step))
+
+
+def test_odd_lopt_step_flips_with_the_gradient():
+    params = {"w": jnp.linspace(-2.0, 2.0, 12).reshape(3, 4)}
+    grads = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), jnp.float32)}
+    step, _ = _step(RELATIVE_ODD, grads, params)
+    flipped, _ = _step(RELATIVE_ODD, jax.tree_util.tree_map(jnp.negative, grads), params)
+    np.testing.assert_allclose(flipped["w"], -step["w"], rtol=1e-5, atol=1e-9)
+    assert np.any(np.asarray(step["w"]) != 0.0)
+
+
+def test_relative_features_are_scale_free():
+    params = {"w": jnp.linspace(-2.0, 2.0, 12).reshape(3, 4)}
+    grads = np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)
+    reference, _ = _step(RELATIVE_ODD, {"w": jnp.asarray(grads)}, params)
+    for scale in (1e-25, 1e-3, 1e20):
+        scaled, _ = _step(RELATIVE_ODD, {"w": jnp.asarray(grads * np.float32(scale))}, params)
+        np.testing.assert_allclose(scaled["w"], reference["w"], rtol=1e-4, atol=1e-8)
+
+
+def test_relative_momentum_of_noise_is_small_and_of_a_vanished_gradient_fades():
+    """What per-tensor normalization hides: relative to the running scale, the
+    slow momentum of pure noise stays far below 1, and after the gradient stops
+    the momentum channels stay small instead of being blown back up to unit size."""
+    from selfloop.lopt.mlp import relative_channels
+
+    lopt = make_lopt(RELATIVE_ODD)
+    theta = lopt.init_theta(jax.random.PRNGKey(0))
+    params = {"w": jnp.zeros((64, 64))}
+    state = lopt.init_state(params)
+    update = jax.jit(lopt.update)
+    rng = np.random.default_rng(2)
+    for _ in range(300):
+        params, state = update(theta, params, {"w": jnp.asarray(rng.normal(size=(64, 64)), jnp.float32)}, state)
+
+    def channel_rms(state):
+        scale = state.grad_scale["w"] / state.scale_weight
+        channels = relative_channels(jnp.zeros((64, 64)), state.momenta["w"], scale)
+        return np.sqrt(np.mean(np.square(np.asarray(channels)), axis=(0, 1)))
+
+    noise = channel_rms(state)
+    assert noise[DECAYS.index(0.99) + 1] < 0.15 and noise[DECAYS.index(0.999) + 1] < 0.1
+    zero = {"w": jnp.zeros((64, 64))}
+    for _ in range(200):
+        params, state = update(theta, params, zero, state)
+    after = channel_rms(state)
+    assert after[0] == 0.0 and np.all(after[1:] < 0.1)
+    per_tensor = normalize_per_tensor(state.momenta["w"]).std(axis=(0, 1))  # what "per_tensor" would feed
+    assert per_tensor[DECAYS.index(0.99)] > 0.9 and per_tensor[DECAYS.index(0.999)] > 0.9
+
+
+@pytest.mark.parametrize("magnitude", [0.0, 1e-30, 1e30, np.inf, np.nan])
+def test_relative_update_finite_for_extreme_gradients(magnitude):
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)}
+    step, state = _step(RELATIVE_ODD, {"w": jnp.full((3, 4), magnitude, jnp.float32)}, params)
+    assert np.all(np.isfinite(step["w"])) and all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state))
+
+
+def test_odd_outer_optimizer_does_not_move_theta_without_signal():
+    """The drift check on the self-training path itself: 200 outer steps fed ĝ = 0."""
+    from selfloop.population import outer_step_fn
+
+    lopt = make_lopt(RELATIVE_ODD)
+    outer, theta = lopt.init_theta(jax.random.PRNGKey(7)), lopt.init_theta(jax.random.PRNGKey(8))
+    state, start = lopt.init_state(theta), theta
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, theta)
+    step = outer_step_fn(lopt)
+    for _ in range(200):
+        out = step(outer, theta, zeros, state, jnp.float32(0.5), jnp.float32(0.003), jnp.int32(2000))
+        theta, state = out.theta, out.state
+    for a, b in zip(jax.tree_util.tree_leaves(theta), jax.tree_util.tree_leaves(start)):
+        np.testing.assert_array_equal(a, b)

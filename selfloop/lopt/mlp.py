@@ -10,10 +10,29 @@ library's ``MLPLOpt``. The same MLP is applied to every weight of every tensor:
                plus 11 unnormalized time features tanh(t/τ - 1), τ in TIMESCALES
   MLP:         19 -> hidden -> hidden -> 2 (ReLU), fan-in scaled init
   update:      p <- p - step_mult * d * exp(exp_mult * m)
+
+Two settings change what the MLP can express, not the update formula:
+
+- ``features="relative"``: g and the momenta share one scale per tensor, a
+  running RMS of the tensor's gradients (``GRAD_SCALE_DECAY``), instead of each
+  channel being normalized on its own. Per-channel normalization blows decayed
+  or averaged-out momenta back up to unit size, so pure noise, or no gradient
+  at all, looks like a strong consistent signal; relative to a running scale,
+  momenta of noise are small and momenta of a vanished gradient fade.
+- ``odd=True``: d is an odd and m an even function of the gradient channels
+  (the MLP is evaluated on ±(g, m_β) with p and time unchanged, and d, m are
+  the odd and even parts of its outputs): flipping the sign of every gradient
+  flips the step, and no gradient means no step. Without
+  it the MLP's biases and the weight channel give a step that does not depend
+  on the gradient (a learned weight decay), which erodes a learned optimizer
+  that is itself being trained on a noisy meta-gradient.
+  (Harrison et al. 2022, "A Closer Look at Learned Optimization: Stability,
+  Robustness, and Inductive Biases", argue for such built-in biases.)
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -25,6 +44,9 @@ from selfloop.lopt.base import LearnedOptimizer, Params, Theta, normalize_per_te
 DECAYS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
 TIMESCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5)
 NUM_INPUTS = 2 + len(DECAYS) + len(TIMESCALES)
+GRAD_SCALE_DECAY = 0.999  # the running gradient RMS that "relative" features are measured against
+FEATURE_CLIP = 100.0  # relative features of a gradient that jumps far above its running scale
+FEATURES = ("per_tensor", "relative")
 
 
 @dataclass(frozen=True)
@@ -34,10 +56,21 @@ class MLPLOptConfig:
     hidden: int = 32
     step_mult: float = 1e-3
     exp_mult: float = 1e-3
+    features: str = "per_tensor"  # or "relative": see the module docstring
+    odd: bool = False  # d odd, m even in the gradient channels
 
 
 class MLPLOptState(NamedTuple):
     momenta: Params  # same tree as params; each leaf [*param_shape, len(DECAYS)]
+    step: jax.Array  # int32 [], updates applied so far
+
+
+class RelativeMLPLOptState(NamedTuple):
+    """State of the MLP lopt with ``features="relative"``."""
+
+    momenta: Params  # same tree as params; each leaf [*param_shape, len(DECAYS)]
+    grad_scale: Params  # same tree; each leaf float32 []: EMA of the tensor's gradient RMS
+    scale_weight: jax.Array  # float32 []: EMA of 1 with the same decay (bias correction)
     step: jax.Array  # int32 [], updates applied so far
 
 
@@ -58,6 +91,12 @@ def init_state(params: Params) -> MLPLOptState:
     return MLPLOptState(momenta=momenta, step=jnp.zeros([], jnp.int32))
 
 
+def init_relative_state(params: Params) -> RelativeMLPLOptState:
+    plain = init_state(params)
+    grad_scale = jax.tree_util.tree_map(lambda p: jnp.zeros([], jnp.float32), params)
+    return RelativeMLPLOptState(plain.momenta, grad_scale, jnp.zeros([], jnp.float32), plain.step)
+
+
 def time_features(step: jax.Array) -> jax.Array:
     """tanh(t/τ - 1) for every τ in TIMESCALES: shape [len(TIMESCALES)]."""
     t = step.astype(jnp.float32)
@@ -74,17 +113,57 @@ def _apply_mlp(theta: Theta, x: jax.Array) -> jax.Array:
     return x
 
 
+def tensor_rms(x: jax.Array) -> jax.Array:
+    """sqrt(mean(x²)) of a finite tensor without overflow or underflow in float32."""
+    scale = jnp.max(jnp.abs(x))
+    return scale * jnp.sqrt(jnp.mean(jnp.square(x / jnp.where(scale > 0, scale, 1.0))))
+
+
+def relative_channels(g: jax.Array, momentum: jax.Array, grad_scale: jax.Array) -> jax.Array:
+    """[g, m_β...] / grad_scale, clipped to ±FEATURE_CLIP; zero while no gradient was ever seen."""
+    channels = jnp.concatenate([g[..., None], momentum], axis=-1)
+    relative = channels / jnp.where(grad_scale > 0, grad_scale, 1.0)
+    return jnp.clip(jnp.where(grad_scale > 0, relative, 0.0), -FEATURE_CLIP, FEATURE_CLIP)
+
+
+def _step_from_features(config, theta, gradient_channels, p, time_feats):
+    """The MLP's step from the gradient channels (last axis), p's channel and time."""
+    times = jnp.broadcast_to(time_feats, p.shape + time_feats.shape)
+    weight = normalize_per_tensor(p[..., None])
+    others = jnp.concatenate([weight, times], axis=-1)
+    if config.odd:
+        signed = jnp.stack([gradient_channels, -gradient_channels])
+        out = _apply_mlp(theta, jnp.concatenate([signed, jnp.broadcast_to(others, (2, *others.shape))], axis=-1))
+        direction = 0.5 * (out[0, ..., 0] - out[1, ..., 0])
+        magnitude = 0.5 * (out[0, ..., 1] + out[1, ..., 1])
+    else:
+        # Channel order of the original lopt: g, p, momenta, time.
+        inputs = [gradient_channels[..., :1], weight, gradient_channels[..., 1:], times]
+        out = _apply_mlp(theta, jnp.concatenate(inputs, axis=-1))
+        direction, magnitude = out[..., 0], out[..., 1]
+    return config.step_mult * direction * jnp.exp(config.exp_mult * magnitude)
+
+
+def _new_momentum(g, momentum):
+    decays = jnp.asarray(DECAYS, jnp.float32)
+    return decays * momentum + (1.0 - decays) * g[..., None]
+
+
 def _update_tensor(config, theta, p, g, momentum, time_feats):
     g = jnp.where(jnp.isfinite(g), g, 0.0)
-    decays = jnp.asarray(DECAYS, jnp.float32)
-    momentum = decays * momentum + (1.0 - decays) * g[..., None]
-    channels = jnp.concatenate([g[..., None], p[..., None], momentum], axis=-1)
-    channels = normalize_per_tensor(channels)
-    times = jnp.broadcast_to(time_feats, p.shape + time_feats.shape)
-    out = _apply_mlp(theta, jnp.concatenate([channels, times], axis=-1))
-    direction, magnitude = out[..., 0], out[..., 1]
-    step = config.step_mult * direction * jnp.exp(config.exp_mult * magnitude)
-    return p - step, momentum
+    momentum = _new_momentum(g, momentum)
+    gradient_channels = jnp.concatenate([g[..., None], momentum], axis=-1)
+    gradient_channels = normalize_per_tensor(gradient_channels)
+    return p - _step_from_features(config, theta, gradient_channels, p, time_feats), momentum
+
+
+def _update_tensor_relative(config, theta, p, g, momentum, grad_scale, scale_weight, time_feats):
+    g = jnp.where(jnp.isfinite(g), g, 0.0)
+    momentum = _new_momentum(g, momentum)
+    grad_scale = GRAD_SCALE_DECAY * grad_scale + (1.0 - GRAD_SCALE_DECAY) * tensor_rms(g)
+    unbiased_scale = grad_scale / jnp.maximum(scale_weight, 1e-12)
+    gradient_channels = relative_channels(g, momentum, unbiased_scale)
+    return p - _step_from_features(config, theta, gradient_channels, p, time_feats), momentum, grad_scale
 
 
 def update(
@@ -95,6 +174,8 @@ def update(
     state: MLPLOptState,
 ) -> tuple[Params, MLPLOptState]:
     """One learned-optimizer step on every tensor of ``params``."""
+    if config.features == "relative":
+        return update_relative(config, theta, params, grads, state)
     time_feats = time_features(state.step)
     treedef = jax.tree_util.tree_structure(params)
     results = [
@@ -110,11 +191,38 @@ def update(
     return new_params, MLPLOptState(momenta=new_momenta, step=state.step + 1)
 
 
+def update_relative(
+    config: MLPLOptConfig,
+    theta: Theta,
+    params: Params,
+    grads: Params,
+    state: RelativeMLPLOptState,
+) -> tuple[Params, RelativeMLPLOptState]:
+    """``update`` with relative features (the state carries the gradient scales)."""
+    time_feats = time_features(state.step)
+    scale_weight = GRAD_SCALE_DECAY * state.scale_weight + (1.0 - GRAD_SCALE_DECAY)
+    treedef = jax.tree_util.tree_structure(params)
+    results = [
+        _update_tensor_relative(config, theta, p, g, m, r, scale_weight, time_feats)
+        for p, g, m, r in zip(
+            jax.tree_util.tree_leaves(params),
+            jax.tree_util.tree_leaves(grads),
+            treedef.flatten_up_to(state.momenta),
+            treedef.flatten_up_to(state.grad_scale),
+        )
+    ]
+    unflatten = functools.partial(jax.tree_util.tree_unflatten, treedef)
+    new_params, momenta, grad_scale = (unflatten([r[k] for r in results]) for k in range(3))
+    return new_params, RelativeMLPLOptState(momenta, grad_scale, scale_weight, state.step + 1)
+
+
 def make_mlp_lopt(config: MLPLOptConfig = MLPLOptConfig()) -> LearnedOptimizer:
     """The MLP lopt's pure functions with ``config`` bound."""
+    if config.features not in FEATURES:
+        raise ValueError(f"MLP lopt features must be one of {list(FEATURES)}, not {config.features!r}")
     return LearnedOptimizer(
         init_theta=lambda key: init_theta(config, key),
-        init_state=init_state,
+        init_state=init_relative_state if config.features == "relative" else init_state,
         # The MLP lopt reads no loss; ``loss`` is accepted for the common interface.
         update=lambda theta, params, grads, state, loss=None: update(config, theta, params, grads, state),
     )

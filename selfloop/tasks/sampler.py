@@ -7,6 +7,8 @@ on, and the held-out set is used for reporting only, never for selection.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from selfloop.tasks import TASK_FAMILIES
@@ -37,3 +39,13 @@ def heldout_tasks(count: int, families: tuple[str, ...], seed: int) -> tuple[Tas
     """The fixed held-out set: families in turn, so every family is covered."""
     rng = np.random.default_rng([seed, 0x4E1D])
     return tuple(_spec(rng, families[i % len(families)], HELDOUT_SEEDS) for i in range(count))
+
+
+def unseen_family_tasks(
+    count: int, trained: tuple[str, ...], unseen: tuple[str, ...], seed: int
+) -> tuple[TaskSpec, ...]:
+    """Held-out tasks of families left out of training, as many per family as
+    the in-family set of ``count`` tasks over ``trained`` has (none without ``unseen``)."""
+    if not unseen:
+        return ()
+    return heldout_tasks(math.ceil(count / len(trained)) * len(unseen), unseen, seed)

@@ -1,0 +1,73 @@
+"""Runs side by side, on the wall-clock and on the inner-steps axes.
+
+Reads each run's ``events.jsonl`` and prints, per run, the best member's
+held-out loss at the last evaluation made within each run-time budget and
+within each inner-step budget, the run's lowest, and how often the step rail
+shortened an outer step. Label runs ``variant:seed`` so that paired seeds
+line up; a final table gives, per budget, each variant's median over its
+seeds and the spread between seeds.
+
+    python bench/compare_runs.py base:0=checkpoints/base-s0 relodd:0=checkpoints/relodd-s0 \\
+        --minutes 5,10,15,30 --inner 1,2,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from selfloop.history import inner_steps_at_evals, rail_use, read_events
+
+
+def best_within(records: list[dict], minutes: float | None = None, inner_millions: float | None = None) -> float:
+    """The best member at the last evaluation inside the budget (nan: none yet, or the run
+    stopped before it had used the budget)."""
+    evals = [r for r in records if r["kind"] == "eval"]
+    steps = inner_steps_at_evals(records)
+    if (minutes is not None and evals[-1]["elapsed"] < 60.0 * minutes - 30.0) or (
+        inner_millions is not None and steps[-1] < inner_millions * 1e6
+    ):
+        return float("nan")
+    inside = [e["best"] for e, s in zip(evals, steps)
+              if (minutes is None or e["elapsed"] <= 60.0 * minutes + 30.0)
+              and (inner_millions is None or s <= inner_millions * 1e6)]  # fmt: skip
+    return inside[-1] if inside else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="variant:seed=RUN_DIR")
+    parser.add_argument("--minutes", default="5,10,15,30")
+    parser.add_argument("--inner", default="1,2,4", help="inner-step budgets, millions")
+    args = parser.parse_args()
+    minutes = [float(m) for m in args.minutes.split(",")]
+    inner = [float(m) for m in args.inner.split(",")]
+    columns = [f"{m:g} min" for m in minutes] + [f"{m:g} M steps" for m in inner]
+    print("| run | " + " | ".join(columns) + " | lowest | minutes run | inner M | rail shortened |")
+    print("|---" * (len(columns) + 5) + "|")
+    by_variant: dict[str, list[list[float]]] = {}
+    for spec in args.runs:
+        label, run_dir = spec.split("=", 1)
+        records = read_events(Path(run_dir) / "events.jsonl")
+        evals = [r for r in records if r["kind"] == "eval"]
+        rounds = [r for r in records if r["kind"] == "round"]
+        values = [best_within(records, minutes=m) for m in minutes] + [best_within(records, inner_millions=m)
+                                                                       for m in inner]
+        by_variant.setdefault(label.split(":")[0], []).append(values)
+        print(f"| {label} | " + " | ".join(f"{v:.3f}" if v == v else "-" for v in values)
+              + f" | {min(e['best'] for e in evals):.3f} | {evals[-1]['elapsed'] / 60:.1f} | "
+              f"{rounds[-1]['inner_steps'] / 1e6:.2f} | {rail_use(records).shortened_fraction:.1%} |")
+    print("\n| variant (seeds) | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for variant, rows in by_variant.items():
+        cells = []
+        for column in zip(*rows):
+            finite = [v for v in column if v == v]
+            spread = f" ±{(max(finite) - min(finite)) / 2:.3f}" if len(finite) > 1 else ""
+            cells.append(f"{statistics.median(finite):.3f}{spread}" if finite else "-")
+        print(f"| {variant} ({len(rows)}) | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

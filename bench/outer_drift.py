@@ -1,0 +1,135 @@
+"""Does an outer optimizer move a trained learned optimizer with no signal?
+
+The systematic, signal-free direction of issue #16: a trained θ is stepped by
+its run's own outer optimizer (the lopt of member ``outer_index``, with the
+outer state the run kept for θ) for ``--steps`` outer steps fed a meta-gradient
+that carries no information, through the very outer step a run takes (rails
+and time clamp included), and scored on the run's held-out set before and
+after. Two feeds:
+
+- ``zero``: ĝ = 0 at every step;
+- ``noise``: ĝ ~ N(0, s²) drawn afresh every step, s per tensor the size of
+  the gradients the outer state has seen (relative features) or 1 (per-tensor
+  features, which are scale-free).
+
+An optimizer without drift changes the held-out loss by no more than a random
+walk does: the third row moves θ by the same distance as the noise feed did,
+in a random direction.
+
+    python bench/outer_drift.py checkpoints/default --steps 220
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import h5py
+import jax
+import jax.numpy as jnp
+
+from selfloop.checkpoint import list_checkpoints, read_checkpoint
+from selfloop.config import config_from_dict
+from selfloop.evaluate import adam_reference, evaluate_members
+from selfloop.farm import LocalFarm
+from selfloop.lopt import make_lopt
+from selfloop.lopt.base import tree_l2_norm
+from selfloop.population import outer_step_fn, outer_time_limit
+from selfloop.tasks.sampler import heldout_tasks
+
+
+def run_config(path: Path):
+    with h5py.File(path, "r", locking=False) as handle:
+        return config_from_dict(json.loads(handle.attrs["config_json"]), str(path))
+
+
+def noise_scales(outer_state, theta):
+    """Per-tensor size of the gradients the outer state has seen (1 where it keeps none)."""
+    if not hasattr(outer_state, "grad_scale"):
+        return jax.tree_util.tree_map(lambda t: 1.0, theta)
+    weight = max(float(outer_state.scale_weight), 1e-12)
+    return jax.tree_util.tree_map(lambda r: max(float(r) / weight, 1e-30), outer_state.grad_scale)
+
+
+def feed(kind: str, theta, scales, key):
+    leaves, treedef = jax.tree_util.tree_flatten(theta)
+    if kind == "zero":
+        return jax.tree_util.tree_map(jnp.zeros_like, theta)
+    keys = jax.random.split(key, len(leaves))
+    scale_leaves = treedef.flatten_up_to(scales)
+    noise = [s * jax.random.normal(k, x.shape) for k, x, s in zip(keys, leaves, scale_leaves)]
+    return jax.tree_util.tree_unflatten(treedef, noise)
+
+
+def drift(config, outer_theta, theta, outer_state, kind: str, steps: int, seed: int):
+    """θ after ``steps`` outer steps fed ``kind``; and the fraction the rail shortened."""
+    step_fn = outer_step_fn(make_lopt(config.lopt))
+    scales = noise_scales(outer_state, theta)
+    key = jax.random.PRNGKey(seed)
+    shortened = 0
+    for _ in range(steps):
+        key, sub = jax.random.split(key)
+        out = step_fn(outer_theta, theta, feed(kind, theta, scales, sub), outer_state, jnp.float32(0.5),
+                      jnp.float32(config.population.max_step_ratio), jnp.int32(outer_time_limit(config)))
+        theta, outer_state = out.theta, out.state
+        shortened += int(out.shortened)
+    return theta, shortened / steps
+
+
+def random_walk(theta, distance: float, seed: int):
+    """θ moved by ``distance`` in a uniformly random direction."""
+    leaves, treedef = jax.tree_util.tree_flatten(theta)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    direction = [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+    norm = float(tree_l2_norm(direction))
+    return jax.tree_util.tree_unflatten(treedef, [x + distance / norm * d for x, d in zip(leaves, direction)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--steps", type=int, default=220)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", default="checkpoints/jax_cache")
+    args = parser.parse_args()
+    paths = list_checkpoints(args.run_dir)
+    if not paths:
+        raise SystemExit(f"{args.run_dir}: no checkpoint-*.h5")
+    config = run_config(paths[0])
+    state = read_checkpoint(paths[0], config)
+    if state.champion is None:
+        raise SystemExit(f"{paths[0]}: no PBT champion yet")
+    champion = state.champion
+    outer_theta = state.members[champion.outer_index].theta
+    print(f"{paths[0]}: champion from member {champion.source}, trained by member {champion.outer_index}; "
+          f"lopt {config.lopt}; {args.steps} outer steps, step rail {config.population.max_step_ratio}")
+
+    thetas, rows = [champion.theta], ["start (the champion)"]
+    for kind in ("zero", "noise"):
+        theta, shortened = drift(config, outer_theta, champion.theta, champion.outer_state, kind, args.steps,
+                                 args.seed)
+        moved = float(tree_l2_norm(jax.tree_util.tree_map(jnp.subtract, theta, champion.theta)))
+        thetas.append(theta)
+        rows.append(f"ĝ = {kind}: moved {moved:.3f} ({moved / float(tree_l2_norm(champion.theta)):.2%} of ‖θ‖), "
+                    f"rail shortened {shortened:.0%}")
+    thetas.append(random_walk(champion.theta, moved, args.seed))
+    rows.append(f"random direction, moved {moved:.3f}")
+
+    farm = LocalFarm(cache_root=args.cache)
+    farm.wait_ready()
+    try:
+        cfg = config.eval
+        specs = heldout_tasks(cfg.tasks, config.tasks.families, cfg.seed)
+        reference = adam_reference(specs, cfg.steps, cfg.chunk, farm.map, args.run_dir)
+        result = evaluate_members(farm.map, config.lopt, thetas, specs, cfg.steps, cfg.chunk, reference)
+    finally:
+        farm.close()
+    print(f"\nheld-out: {len(specs)} tasks x {cfg.steps} steps; best fixed-rate Adam {result.best_fixed_adam:.3f}")
+    print("| θ | held-out | change |\n|---|---|---|")
+    for row, score in zip(rows, result.members):
+        print(f"| {row} | {score:.3f} | {score - result.members[0]:+.3f} |")
+
+
+if __name__ == "__main__":
+    main()
