@@ -32,15 +32,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 from pathlib import Path
 
-import h5py
 import jax
 import numpy as np
 
-from selfloop.checkpoint import list_checkpoints, read_checkpoint
-from selfloop.config import config_from_dict
+from selfloop.checkpoint import list_checkpoints, read_checkpoint, saved_config
 from selfloop.estimators import estimate_gradient, needs_reset, new_slot
 from selfloop.farm import LocalFarm
 from selfloop.lopt import make_lopt
@@ -96,8 +93,7 @@ def main() -> None:
     parser.add_argument("--cache", default="checkpoints/jax_cache")
     args = parser.parse_args()
     path = list_checkpoints(args.run_dir)[0]
-    with h5py.File(path, "r", locking=False) as handle:
-        config = config_from_dict(json.loads(handle.attrs["config_json"]), str(path))
+    config = saved_config(path)
     state = read_checkpoint(path, config)
     theta = make_lopt(config.lopt).init_theta(jax.random.PRNGKey(123)) if args.random_theta else state.champion.theta
     theta = jax.tree_util.tree_map(np.asarray, theta)

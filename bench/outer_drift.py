@@ -22,26 +22,18 @@ in a random direction.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import h5py
 import jax
 import jax.numpy as jnp
 
-from selfloop.checkpoint import list_checkpoints, read_checkpoint
-from selfloop.config import config_from_dict
+from selfloop.checkpoint import list_checkpoints, read_checkpoint, saved_config
 from selfloop.evaluate import adam_reference, evaluate_members
 from selfloop.farm import LocalFarm
 from selfloop.lopt import make_lopt
 from selfloop.lopt.base import tree_l2_norm
 from selfloop.population import outer_step_fn, outer_time_limit
 from selfloop.tasks.sampler import heldout_tasks
-
-
-def run_config(path: Path):
-    with h5py.File(path, "r", locking=False) as handle:
-        return config_from_dict(json.loads(handle.attrs["config_json"]), str(path))
 
 
 def noise_scales(outer_state, theta):
@@ -96,7 +88,7 @@ def main() -> None:
     paths = list_checkpoints(args.run_dir)
     if not paths:
         raise SystemExit(f"{args.run_dir}: no checkpoint-*.h5")
-    config = run_config(paths[0])
+    config = saved_config(paths[0])
     state = read_checkpoint(paths[0], config)
     if state.champion is None:
         raise SystemExit(f"{paths[0]}: no PBT champion yet")

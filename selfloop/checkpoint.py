@@ -47,7 +47,7 @@ import h5py
 import jax
 import numpy as np
 
-from selfloop.config import Config, ConfigError, config_to_dict
+from selfloop.config import Config, ConfigError, config_from_dict, config_to_dict
 from selfloop.estimators import new_slot
 from selfloop.guard import GuardState
 from selfloop.lopt import make_lopt
@@ -323,6 +323,15 @@ def check_resumable(saved: dict, config: Config, where: str) -> None:
                 f"{dotted}: the run in {where} was made with {before!r}, this config says {after!r}; "
                 "it shapes what the checkpoint holds, so it cannot change on resume (pass --fresh to start over)"
             )
+
+
+def saved_config(path: Path) -> Config:
+    """The config a checkpoint's run was made with."""
+    try:
+        with h5py.File(path, "r", locking=False) as handle:
+            return config_from_dict(json.loads(_scalar(handle.attrs["config_json"])), str(path))
+    except (OSError, KeyError) as error:
+        raise CheckpointError(f"{path}: unreadable ({error})") from None
 
 
 def read_checkpoint(path: Path, config: Config) -> RunState:

@@ -170,8 +170,10 @@ class Trainer:
         try:
             result = evaluate_members(self.farm.map, self.config.lopt, thetas, self.heldout, cfg.steps, cfg.chunk,
                                       self.reference)
-            unseen = self.unseen and evaluate_members(self.farm.map, self.config.lopt, thetas, self.unseen,
-                                                      cfg.steps, cfg.chunk, self.unseen_reference)
+            unseen = None
+            if self.unseen:
+                unseen = evaluate_members(self.farm.map, self.config.lopt, thetas, self.unseen, cfg.steps, cfg.chunk,
+                                          self.unseen_reference)
         except EvaluationFailed as error:
             self.log({"kind": "eval_failed", "round": state.round, "error": str(error)[-2000:]})
             return None
@@ -183,7 +185,7 @@ class Trainer:
             "kind": "eval", "round": state.round, "elapsed": time.time() - started,
             **_scores_record(result, size, champion is not None),
             "best_member": int(np.argmin(scores)), "members_final": result.members_final[:size],
-            "unseen": _scores_record(unseen, size, champion is not None) if unseen else None,
+            "unseen": None if unseen is None else _scores_record(unseen, size, champion is not None),
         }
         self.log(record)
         return record

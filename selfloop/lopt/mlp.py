@@ -32,7 +32,6 @@ Two settings change what the MLP can express, not the update formula:
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -166,6 +165,16 @@ def _update_tensor_relative(config, theta, p, g, momentum, grad_scale, scale_wei
     return p - _step_from_features(config, theta, gradient_channels, p, time_feats), momentum, grad_scale
 
 
+def _map_tensors(fn, params: Params, *per_weight: Params) -> tuple[Params, ...]:
+    """``fn(p, g, ...)`` on every tensor of ``params`` and the same leaves of
+    ``per_weight`` trees (whose leaves may carry extra trailing axes); the
+    tuple ``fn`` returns per tensor, as one tree per element."""
+    treedef = jax.tree_util.tree_structure(params)
+    leaves = [jax.tree_util.tree_leaves(params)] + [treedef.flatten_up_to(tree) for tree in per_weight]
+    results = [fn(*tensor) for tensor in zip(*leaves)]
+    return tuple(jax.tree_util.tree_unflatten(treedef, list(column)) for column in zip(*results))
+
+
 def update(
     config: MLPLOptConfig,
     theta: Theta,
@@ -177,18 +186,10 @@ def update(
     if config.features == "relative":
         return update_relative(config, theta, params, grads, state)
     time_feats = time_features(state.step)
-    treedef = jax.tree_util.tree_structure(params)
-    results = [
-        _update_tensor(config, theta, p, g, m, time_feats)
-        for p, g, m in zip(
-            jax.tree_util.tree_leaves(params),
-            jax.tree_util.tree_leaves(grads),
-            treedef.flatten_up_to(state.momenta),
-        )
-    ]
-    new_params = jax.tree_util.tree_unflatten(treedef, [r[0] for r in results])
-    new_momenta = jax.tree_util.tree_unflatten(treedef, [r[1] for r in results])
-    return new_params, MLPLOptState(momenta=new_momenta, step=state.step + 1)
+    new_params, momenta = _map_tensors(
+        lambda p, g, m: _update_tensor(config, theta, p, g, m, time_feats), params, grads, state.momenta
+    )
+    return new_params, MLPLOptState(momenta=momenta, step=state.step + 1)
 
 
 def update_relative(
@@ -201,18 +202,10 @@ def update_relative(
     """``update`` with relative features (the state carries the gradient scales)."""
     time_feats = time_features(state.step)
     scale_weight = GRAD_SCALE_DECAY * state.scale_weight + (1.0 - GRAD_SCALE_DECAY)
-    treedef = jax.tree_util.tree_structure(params)
-    results = [
-        _update_tensor_relative(config, theta, p, g, m, r, scale_weight, time_feats)
-        for p, g, m, r in zip(
-            jax.tree_util.tree_leaves(params),
-            jax.tree_util.tree_leaves(grads),
-            treedef.flatten_up_to(state.momenta),
-            treedef.flatten_up_to(state.grad_scale),
-        )
-    ]
-    unflatten = functools.partial(jax.tree_util.tree_unflatten, treedef)
-    new_params, momenta, grad_scale = (unflatten([r[k] for r in results]) for k in range(3))
+    new_params, momenta, grad_scale = _map_tensors(
+        lambda p, g, m, r: _update_tensor_relative(config, theta, p, g, m, r, scale_weight, time_feats),
+        params, grads, state.momenta, state.grad_scale,
+    )
     return new_params, RelativeMLPLOptState(momenta, grad_scale, scale_weight, state.step + 1)
 
 
