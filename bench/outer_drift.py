@@ -54,7 +54,7 @@ def feed(kind: str, theta, scales, key):
     return jax.tree_util.tree_unflatten(treedef, noise)
 
 
-def drift(config, outer_theta, theta, outer_state, kind: str, steps: int, seed: int):
+def drift(config, outer_theta, theta, outer_state, step_scale: float, kind: str, steps: int, seed: int):
     """θ after ``steps`` outer steps fed ``kind``; and the fraction the rail shortened."""
     step_fn = outer_step_fn(make_lopt(config.lopt))
     scales = noise_scales(outer_state, theta)
@@ -63,7 +63,8 @@ def drift(config, outer_theta, theta, outer_state, kind: str, steps: int, seed: 
     for _ in range(steps):
         key, sub = jax.random.split(key)
         out = step_fn(outer_theta, theta, feed(kind, theta, scales, sub), outer_state, jnp.float32(0.5),
-                      jnp.float32(config.population.max_step_ratio), jnp.int32(outer_time_limit(config)))
+                      jnp.float32(step_scale), jnp.float32(config.population.max_step_ratio),
+                      jnp.int32(outer_time_limit(config)))
         theta, outer_state = out.theta, out.state
         shortened += int(out.shortened)
     return theta, shortened / steps
@@ -99,8 +100,8 @@ def main() -> None:
 
     thetas, rows = [champion.theta], ["start (the champion)"]
     for kind in ("zero", "noise"):
-        theta, shortened = drift(config, outer_theta, champion.theta, champion.outer_state, kind, args.steps,
-                                 args.seed)
+        theta, shortened = drift(config, outer_theta, champion.theta, champion.outer_state, champion.step_scale,
+                                 kind, args.steps, args.seed)
         moved = float(tree_l2_norm(jax.tree_util.tree_map(jnp.subtract, theta, champion.theta)))
         thetas.append(theta)
         rows.append(f"ĝ = {kind}: moved {moved:.3f} ({moved / float(tree_l2_norm(champion.theta)):.2%} of ‖θ‖), "

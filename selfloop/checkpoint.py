@@ -88,6 +88,8 @@ CONTROLLER_FIELDS = (
 CHAMPION_FIELDS = ("outer_index", "truncation", "steps", "source", "round")
 MEMBER_FIELDS = ("outer_index", "truncation", "steps", "last_exploit_step", "meta_loss", "last_event",
                  "rejected_steps")
+# Fields added later, with the value a checkpoint written before them implies.
+ADDED_FIELDS = {"step_scale": 1.0}
 
 
 class CheckpointError(RuntimeError):
@@ -168,7 +170,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def _write_member(group: h5py.Group, member: Member) -> None:
-    for name in MEMBER_FIELDS:
+    for name in MEMBER_FIELDS + tuple(ADDED_FIELDS):
         group.attrs[name] = getattr(member, name)
     write_tree(group, "theta", member.theta, "this member's learned-optimizer weights θ")
     write_tree(group, "outer_state", member.outer_state,
@@ -194,7 +196,7 @@ def _write_member(group: h5py.Group, member: Member) -> None:
 
 def _write_champion(group: h5py.Group, champion: Champion) -> None:
     group.attrs["description"] = "PBT champion: the best snapshot seen, judged head to head in tournaments"
-    for name in CHAMPION_FIELDS:
+    for name in CHAMPION_FIELDS + tuple(ADDED_FIELDS):
         group.attrs[name] = getattr(champion, name)
     write_tree(group, "theta", champion.theta, "the champion's learned-optimizer weights θ")
     write_tree(group, "outer_state", champion.outer_state, "its outer optimizer's state for θ")
@@ -282,8 +284,12 @@ def _scalar(value: Any) -> Any:
     return value
 
 
+def _added_fields(group: h5py.Group) -> dict[str, Any]:
+    return {name: _scalar(group.attrs.get(name, default)) for name, default in ADDED_FIELDS.items()}
+
+
 def _read_member(group: h5py.Group, templates: Templates, where: str) -> Member:
-    attrs = {name: _scalar(group.attrs[name]) for name in MEMBER_FIELDS}
+    attrs = {name: _scalar(group.attrs[name]) for name in MEMBER_FIELDS} | _added_fields(group)
     guard_group = group["guard"]
     guard = GuardState(ema=float(guard_group.attrs["ema"]), best_ema=float(guard_group.attrs["best_ema"]),
                        rollbacks=int(guard_group.attrs["rollbacks"]))
@@ -359,7 +365,7 @@ def read_checkpoint(path: Path, config: Config) -> RunState:
                 champion = Champion(
                     theta=read_tree(group, "theta", templates.theta, where),
                     outer_state=read_tree(group, "outer_state", templates.outer_state, where),
-                    **{name: int(group.attrs[name]) for name in CHAMPION_FIELDS},
+                    **{name: int(group.attrs[name]) for name in CHAMPION_FIELDS}, **_added_fields(group),
                 )
     except (OSError, KeyError) as error:
         raise CheckpointError(f"{where}: unreadable ({error})") from None

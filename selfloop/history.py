@@ -107,6 +107,10 @@ def summary(records: list[dict]) -> str:
     lines.append("")
     lines.append(f"outer steps: {rails.outer_steps}; shortened by the step rail {rails.shortened_fraction:.1%}, "
                  f"rejected as non-finite {rails.rejected}")
+    scales = next((r["step_scale"] for r in reversed(records) if r["kind"] == "round" and "step_scale" in r), None)
+    if scales:
+        lines.append(f"outer step scales (PBT-explored), last round: median {sorted(scales)[len(scales) // 2]:.3g}, "
+                     f"range {min(scales):.3g}-{max(scales):.3g}")
     lines.append(
         f"best member, held-out mean normalized loss: start {first['best']:.3f} -> end {last['best']:.3f} "
         f"(x{first['best'] / max(last['best'], 1e-12):.2f} lower); lowest seen {min(e['best'] for e in evals):.3f}"

@@ -4,7 +4,8 @@ Every interval two random members are scored on the same E tasks freshly drawn
 from the training distribution. The loser copies the winner's θ, outer-optimizer
 index and outer-optimizer state (exploit); then with p = 0.5 its outer optimizer
 is redrawn uniformly from the population and with p = 0.1 its truncation length
-is redrawn (explore). A member with non-finite weights always loses and is never
+is redrawn; the outer step scale it copied is multiplied or divided by
+``pbt.step_scale_factor`` (explore). A member with non-finite weights always loses and is never
 copied. The held-out evaluation set is never used here.
 
 The champion (``pbt.champion``, issue #8): an archive of the best snapshot seen
@@ -60,12 +61,13 @@ class PBTEvent:
     confirm_winner_score: float = float("nan")
     confirm_champion_score: float = float("nan")
     confirm_t: float = float("nan")  # the winner's mean advantage there, in standard errors
+    step_scale: float = 1.0  # the loser's outer step scale after the event
 
     def as_record(self) -> dict:
         return {"kind": "pbt", **asdict(self)}
 
 
-COPIED = ("theta", "outer_index", "outer_state")
+COPIED = ("theta", "outer_index", "outer_state", "step_scale")
 
 
 @dataclass(frozen=True)
@@ -79,11 +81,12 @@ class Champion:
     steps: int
     source: int  # the member it was taken from
     round: int  # when
+    step_scale: float = 1.0
 
 
 def crown(member: Member, index: int, round_index: int) -> Champion:
     return Champion(member.theta, member.outer_state, member.outer_index, member.truncation, member.steps, index,
-                    round_index)  # fmt: skip
+                    round_index, member.step_scale)  # fmt: skip
 
 
 def tournament_tasks(config: Config, event_index: int, count: int | None = None, stream: int = 0x7B7):
@@ -92,6 +95,7 @@ def tournament_tasks(config: Config, event_index: int, count: int | None = None,
     return [sample_training_task(rng, config.tasks.families) for _ in range(count or config.pbt.tasks)]
 
 
+STEP_SCALE_RANGE = (1e-3, 10.0)  # explored outer step scales stay within three decades below 1 and one above
 CONFIRM_STREAM = 0xC0F  # the challenge's tasks: disjoint from the tournament's draw
 
 
@@ -134,9 +138,10 @@ def advantage_t(advantage: np.ndarray) -> float:
 
 
 def exploit(members: list[Member], winner: int, loser: int) -> None:
-    """The loser takes the winner's θ, outer-optimizer index and its state."""
+    """The loser takes the winner's θ, outer-optimizer index, its state and step scale."""
     source, target = members[winner], members[loser]
     target.theta = source.theta
+    target.step_scale = source.step_scale
     target.outer_index = source.outer_index
     target.outer_state = source.outer_state
     target.steps = source.steps
@@ -145,8 +150,9 @@ def exploit(members: list[Member], winner: int, loser: int) -> None:
 
 
 def restore_champion(members: list[Member], champion: Champion, loser: int) -> None:
-    """The loser takes the champion's θ, outer-optimizer index, state and K."""
+    """The loser takes the champion's θ, outer-optimizer index, state, K and step scale."""
     target = members[loser]
+    target.step_scale = champion.step_scale
     target.theta, target.outer_state = champion.theta, champion.outer_state
     target.outer_index, target.truncation = champion.outer_index, champion.truncation
     target.steps = target.last_exploit_step = champion.steps
@@ -160,8 +166,13 @@ def explore(
     truncations: tuple[int, ...],
     p_outer: float,
     p_truncation: float,
+    step_scale_factor: float = 1.0,
 ) -> tuple[bool, bool]:
-    """Redraw the outer optimizer (p_outer) and the truncation (p_truncation)."""
+    """Redraw the outer optimizer (p_outer) and the truncation (p_truncation);
+    multiply or divide the step scale by ``step_scale_factor``."""
+    if step_scale_factor > 1.0:
+        factor = step_scale_factor if rng.random() < 0.5 else 1.0 / step_scale_factor
+        member.step_scale = float(np.clip(member.step_scale * factor, *STEP_SCALE_RANGE))
     outer_redrawn = bool(rng.random() < p_outer)
     if outer_redrawn:
         member.outer_index = int(rng.integers(population_size))
@@ -218,6 +229,7 @@ def tournament(
         config.population.truncations,
         config.pbt.p_outer_redraw,
         config.pbt.p_truncation_redraw,
+        config.pbt.step_scale_factor,
     )
     members[loser].last_event = f"copied {'champion' if from_champion else f'm{winner}'} @r{round_index}"
     return PBTEvent(
@@ -238,4 +250,5 @@ def tournament(
         confirm_winner_score=confirm[0],
         confirm_champion_score=confirm[1],
         confirm_t=confirm_t,
+        step_scale=members[loser].step_scale,
     ), champion

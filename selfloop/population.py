@@ -41,6 +41,7 @@ class Member:
     truncation: int  # K
     slots: list[Slot]
     steps: int = 0  # outer steps taken by this lineage's weights
+    step_scale: float = 1.0  # multiplies the outer optimizer's step; explored by PBT
     last_exploit_step: int = 0
     meta_loss: float = float("nan")
     last_event: str = "init"
@@ -78,7 +79,7 @@ class OuterStep(NamedTuple):
     theta: Any
     state: Any
     accepted: jax.Array  # bool []: False when the step would leave θ non-finite
-    step_ratio: jax.Array  # float32 []: ‖Δθ‖/‖θ‖ as proposed by the lopt
+    step_ratio: jax.Array  # float32 []: ‖Δθ‖/‖θ‖ as proposed by the lopt, times the member's step scale
     shortened: jax.Array  # bool []: whether the step-size rail shortened it
 
 
@@ -119,17 +120,20 @@ def outer_step_fn(lopt: LearnedOptimizer):
     safety rails that never replace it: a non-finite result is rejected, and a
     step longer than ``max_step_ratio``·‖θ‖ is shortened (0 disables). The
     state's step count stops at ``time_limit`` (0: never), so the outer
-    optimizer's time features stay where it learned them."""
+    optimizer's time features stay where it learned them. The step is
+    multiplied by the member's ``step_scale`` (a PBT hyperparameter) before
+    the rail measures it."""
 
     @jax.jit
-    def outer_step(outer_theta, theta, gradient, state, meta_loss, max_step_ratio, time_limit) -> OuterStep:
+    def outer_step(outer_theta, theta, gradient, state, meta_loss, step_scale, max_step_ratio,
+                   time_limit) -> OuterStep:
         gradient = jax.tree_util.tree_map(lambda g: jnp.where(jnp.isfinite(g), g, 0.0), gradient)
         # The member's meta-loss is the "training loss" of θ (read by the hierarchical lopt).
         proposed, new_state = lopt.update(outer_theta, theta, gradient, state, meta_loss)
         new_state = new_state._replace(
             step=jnp.where(time_limit > 0, jnp.minimum(new_state.step, time_limit), new_state.step)
         )
-        delta = jax.tree_util.tree_map(jnp.subtract, proposed, theta)
+        delta = jax.tree_util.tree_map(lambda new, old: step_scale * (new - old), proposed, theta)
         theta_norm = tree_l2_norm(theta)
         ratio = tree_l2_norm(delta) / jnp.maximum(theta_norm, 1e-12)
         shortened = (max_step_ratio > 0) & (ratio > max_step_ratio)
@@ -154,7 +158,7 @@ def _stack(trees: list[Any]) -> Any:
 @functools.cache
 def batched_outer_step_fn(lopt: LearnedOptimizer):
     """``outer_step_fn`` for several members at once (leading axis: member)."""
-    return jax.jit(jax.vmap(outer_step_fn(lopt).__wrapped__, in_axes=(0, 0, 0, 0, 0, None, None)))
+    return jax.jit(jax.vmap(outer_step_fn(lopt).__wrapped__, in_axes=(0, 0, 0, 0, 0, 0, None, None)))
 
 
 def apply_outer_steps(
@@ -175,6 +179,7 @@ def apply_outer_steps(
         _stack([mean_gradient(gradients[i]) for i in updated]),
         _stack([members[i].outer_state for i in updated]),
         np.asarray([members[i].meta_loss for i in updated], np.float32),
+        np.asarray([members[i].step_scale for i in updated], np.float32),
         jnp.float32(max_step_ratio),
         jnp.int32(time_limit),
     )

@@ -252,7 +252,8 @@ class Trainer:
             "rejected": int(sum(not bool(s.accepted) for s in steps.values())),
             "meta_loss_ema": [m.guard.ema for m in state.members],
             "shortened": int(sum(bool(s.shortened) for s in steps.values())),
-            # ‖Δθ‖/‖θ‖ as the outer optimizers proposed it, before the step rail: what a rail would cut.
+            "step_scale": [m.step_scale for m in state.members],
+            # ‖Δθ‖/‖θ‖ as the outer optimizers proposed it (times the step scale), before the step rail.
             "step_ratio": float(np.median([float(s.step_ratio) for s in steps.values()])) if steps else None,
             "replaced_tasks": int(sum(r.replaced for r in results)),
             "failed_units": len(state.members) * self.config.population.tasks_per_member - len(results),

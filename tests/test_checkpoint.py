@@ -42,7 +42,8 @@ def _assert_same_population(a, b):
         for name in ("theta", "outer_state"):
             for x, y in zip(_leaves(getattr(ma, name)), _leaves(getattr(mb, name))):
                 np.testing.assert_array_equal(x, y)
-        assert (ma.outer_index, ma.truncation, ma.steps) == (mb.outer_index, mb.truncation, mb.steps)
+        assert (ma.outer_index, ma.truncation, ma.steps, ma.step_scale) == (
+            mb.outer_index, mb.truncation, mb.steps, mb.step_scale)
         for sa, sb in zip(ma.slots, mb.slots):
             assert sa.spec == sb.spec
             for x, y in zip(_leaves(sa.state), _leaves(sb.state)):
@@ -127,6 +128,24 @@ def test_a_config_that_changes_what_the_checkpoint_holds_is_refused(smoke_config
     farm = dataclasses.replace(smoke_config.farm, workers=7)
     run = dataclasses.replace(smoke_config.run, max_minutes=5.0)
     check_resumable(saved, dataclasses.replace(smoke_config, farm=farm, run=run), "run")
+
+
+def test_a_checkpoint_from_before_step_scales_loads_with_scale_one(smoke_config, tmp_path):
+    trainer = Trainer(smoke_config, tmp_path, report=lambda r: None)
+    state = trainer.new_state()
+    for _ in range(6):
+        trainer.run_round(state, time.time())
+        trainer.maybe_pbt(state, time.time())
+    trainer.checkpoint(state, time.time())
+    assert state.champion is not None and len({m.step_scale for m in state.members}) > 1  # PBT explored them
+    path = list_checkpoints(tmp_path)[0]
+    with h5py.File(path, "r+") as handle:
+        for i in range(smoke_config.population.size):
+            del handle[f"members/{i:03d}"].attrs["step_scale"]
+        del handle["champion"].attrs["step_scale"]
+    resumed = read_checkpoint(path, smoke_config)
+    assert [m.step_scale for m in resumed.members] == [1.0] * smoke_config.population.size
+    assert resumed.champion.step_scale == 1.0
 
 
 def test_a_tensor_of_the_wrong_shape_names_the_file_and_the_key(smoke_config, tmp_path):

@@ -211,7 +211,7 @@ def test_odd_outer_optimizer_does_not_move_theta_without_signal():
     zeros = jax.tree_util.tree_map(jnp.zeros_like, theta)
     step = outer_step_fn(lopt)
     for _ in range(200):
-        out = step(outer, theta, zeros, state, jnp.float32(0.5), jnp.float32(0.003), jnp.int32(2000))
+        out = step(outer, theta, zeros, state, jnp.float32(0.5), jnp.float32(1.0), jnp.float32(0.003), jnp.int32(2000))
         theta, state = out.theta, out.state
     for a, b in zip(jax.tree_util.tree_leaves(theta), jax.tree_util.tree_leaves(start)):
         np.testing.assert_array_equal(a, b)

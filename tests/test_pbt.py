@@ -26,7 +26,7 @@ from selfloop.population import init_population
 def test_exploit_copies_theta_outer_index_and_outer_state(smoke_config):
     members = init_population(smoke_config)
     members[0].outer_index, members[1].outer_index = 3, 2
-    members[0].steps = 17
+    members[0].steps, members[0].step_scale = 17, 0.4
     loser_slots = members[1].slots
     exploit(members, winner=0, loser=1)
     for a, b in zip(jax.tree_util.tree_leaves(members[1].theta), jax.tree_util.tree_leaves(members[0].theta)):
@@ -35,9 +35,25 @@ def test_exploit_copies_theta_outer_index_and_outer_state(smoke_config):
         jax.tree_util.tree_leaves(members[1].outer_state), jax.tree_util.tree_leaves(members[0].outer_state)
     ):
         np.testing.assert_array_equal(a, b)
-    assert members[1].outer_index == 3
+    assert members[1].outer_index == 3 and members[1].step_scale == 0.4
     assert members[1].slots is loser_slots  # inner problems stay the loser's own
-    assert set(COPIED) == {"theta", "outer_index", "outer_state"}
+    assert set(COPIED) == {"theta", "outer_index", "outer_state", "step_scale"}
+
+
+def test_explore_multiplies_or_divides_the_step_scale(smoke_config):
+    member = init_population(smoke_config)[0]
+    rng = np.random.default_rng(5)
+    scales = []
+    for _ in range(400):
+        explore(rng, member, 10, (20,), p_outer=0.0, p_truncation=0.0, step_scale_factor=1.25)
+        scales.append(member.step_scale)
+    moves = np.diff(np.log([1.0] + scales)) / np.log(1.25)
+    inside = (np.array(scales[:-1]) > 1.25e-3) & (np.array(scales[:-1]) < 8.0)  # away from the clip
+    assert set(np.round(moves[1:][inside]).astype(int)) == {-1, 1}
+    assert 1e-3 <= min(scales) and max(scales) <= 10.0
+    before = member.step_scale
+    explore(rng, member, 10, (20,), p_outer=0.0, p_truncation=0.0)  # factor 1: off
+    assert member.step_scale == before
 
 
 def test_explore_probabilities(smoke_config):
