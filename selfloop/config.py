@@ -139,9 +139,11 @@ class PBTConfig:
     p_outer_redraw: float = probability(0.5)
     p_truncation_redraw: float = probability(0.1)
     # PBT's explore step on the outer step scale (Jaderberg et al. 2017): after
-    # every copy the loser's scale is multiplied or divided by this factor, so
-    # selection can shrink (anneal) or grow the step each lineage takes; the
-    # learned outer optimizer still sets its direction and shape. 1: off.
+    # every copy the loser's scale (in [0.001, 1], a factor on the outer step
+    # once within the rail) is multiplied or divided by this factor, so
+    # selection can shorten (anneal) the step each lineage takes where the
+    # rail alone would fix it; the learned outer optimizer still sets its
+    # direction and shape. 1: off.
     step_scale_factor: float = _check(lambda v: v >= 1.0, "a number >= 1 (1: off)", 1.0)
     # Keep the best snapshot seen as a champion that competes in every
     # tournament and that losers copy when it beats the winner (selfloop/pbt.py).

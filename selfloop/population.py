@@ -79,7 +79,7 @@ class OuterStep(NamedTuple):
     theta: Any
     state: Any
     accepted: jax.Array  # bool []: False when the step would leave θ non-finite
-    step_ratio: jax.Array  # float32 []: ‖Δθ‖/‖θ‖ as proposed by the lopt, times the member's step scale
+    step_ratio: jax.Array  # float32 []: ‖Δθ‖/‖θ‖ as proposed by the lopt
     shortened: jax.Array  # bool []: whether the step-size rail shortened it
 
 
@@ -120,9 +120,10 @@ def outer_step_fn(lopt: LearnedOptimizer):
     safety rails that never replace it: a non-finite result is rejected, and a
     step longer than ``max_step_ratio``·‖θ‖ is shortened (0 disables). The
     state's step count stops at ``time_limit`` (0: never), so the outer
-    optimizer's time features stay where it learned them. The step is
-    multiplied by the member's ``step_scale`` (a PBT hyperparameter) before
-    the rail measures it."""
+    optimizer's time features stay where it learned them. The step, once
+    within the rail, is multiplied by the member's ``step_scale`` (at most 1,
+    explored by PBT): where the rail binds, the scale still sets the length,
+    so selection can shorten (anneal) it."""
 
     @jax.jit
     def outer_step(outer_theta, theta, gradient, state, meta_loss, step_scale, max_step_ratio,
@@ -133,11 +134,11 @@ def outer_step_fn(lopt: LearnedOptimizer):
         new_state = new_state._replace(
             step=jnp.where(time_limit > 0, jnp.minimum(new_state.step, time_limit), new_state.step)
         )
-        delta = jax.tree_util.tree_map(lambda new, old: step_scale * (new - old), proposed, theta)
+        delta = jax.tree_util.tree_map(jnp.subtract, proposed, theta)
         theta_norm = tree_l2_norm(theta)
         ratio = tree_l2_norm(delta) / jnp.maximum(theta_norm, 1e-12)
         shortened = (max_step_ratio > 0) & (ratio > max_step_ratio)
-        factor = jnp.where(shortened, max_step_ratio / jnp.maximum(ratio, 1e-30), 1.0)
+        factor = step_scale * jnp.where(shortened, max_step_ratio / jnp.maximum(ratio, 1e-30), 1.0)
         new_theta = jax.tree_util.tree_map(lambda t, d: t + factor * d, theta, delta)
         accepted = tree_all_finite(new_theta) & tree_all_finite(new_state)
         keep = functools.partial(jax.tree_util.tree_map, lambda new, old: jnp.where(accepted, new, old))

@@ -201,6 +201,28 @@ def test_relative_update_finite_for_extreme_gradients(magnitude):
     assert np.all(np.isfinite(step["w"])) and all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state))
 
 
+def test_the_step_scale_shortens_the_outer_step_inside_the_rail():
+    from selfloop.lopt.base import tree_l2_norm
+    from selfloop.population import outer_step_fn
+
+    lopt = make_lopt(RELATIVE_ODD)
+    outer, theta = lopt.init_theta(jax.random.PRNGKey(7)), lopt.init_theta(jax.random.PRNGKey(8))
+    gradient = jax.tree_util.tree_map(lambda x: jnp.ones_like(x), theta)
+    step = outer_step_fn(lopt)
+
+    def moved(scale, rail):
+        out = step(outer, theta, gradient, lopt.init_state(theta), jnp.float32(0.5), jnp.float32(scale),
+                   jnp.float32(rail), jnp.int32(0))
+        return float(tree_l2_norm(jax.tree_util.tree_map(jnp.subtract, out.theta, theta))), out
+
+    free, out = moved(1.0, 0.0)
+    assert not out.shortened and np.isclose(moved(0.25, 0.0)[0], 0.25 * free, rtol=1e-4)
+    rail = 0.5 * float(out.step_ratio)  # binds: the scale then shortens the railed step
+    railed, out = moved(1.0, rail)
+    assert out.shortened and np.isclose(moved(0.25, rail)[0], 0.25 * railed, rtol=1e-4)
+    assert np.isclose(railed, rail * float(tree_l2_norm(theta)), rtol=1e-4)
+
+
 def test_odd_outer_optimizer_does_not_move_theta_without_signal():
     """The drift check on the self-training path itself: 200 outer steps fed ĝ = 0."""
     from selfloop.population import outer_step_fn
