@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """selfloop: a population of randomly initialized learned optimizers trains itself.
 
-python run.py                      # train with configs/default.toml
+python run.py                      # train with the default config, or resume the run in checkpoints/default
 python run.py --config configs/paper.toml --max-minutes 600
 """
 

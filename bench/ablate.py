@@ -51,7 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=20.0, help="run time of every run")
     parser.add_argument("--out", type=Path, default=REPO / "checkpoints" / "ablation")
-    parser.add_argument("--config", default=str(REPO / "configs" / "default.toml"))
+    parser.add_argument("--config", help="TOML changes to the default config (default: none)")
     parser.add_argument("--only", nargs="+", choices=list(ABLATIONS), help="these runs only")
     parser.add_argument("--table-only", action="store_true", help="start nothing; tabulate what is there")
     args = parser.parse_args()
@@ -62,8 +62,8 @@ def main() -> None:
         missing = args.minutes - run_minutes(run_dir / "events.jsonl")
         if args.table_only or missing < 0.05:
             continue
-        command = [sys.executable, str(REPO / "run.py"), "--config", args.config, "--checkpoint-dir", str(run_dir),
-                   "--max-minutes", f"{missing:.2f}", "--dashboard", "plain"]
+        command = [sys.executable, str(REPO / "run.py"), *(["--config", args.config] if args.config else []),
+                   "--checkpoint-dir", str(run_dir), "--max-minutes", f"{missing:.2f}", "--dashboard", "plain"]
         command += [item for override in ABLATIONS[name] for item in ("--set", override)]
         print(f"[{name}] {missing:.1f} min: {' '.join(command[1:])}", flush=True)
         log_path = args.out / f"{run_dir.name}.log"

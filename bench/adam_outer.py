@@ -35,7 +35,7 @@ from selfloop.work import UnitResult, WorkUnit, initial_slot, run_unit
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/default.toml")
+    parser.add_argument("--config", help="TOML changes to the default config (default: none)")
     parser.add_argument("--set", action="append", default=[], help="section.key=value, as for run.py")
     parser.add_argument("--minutes", type=float, default=15.0, help="training time (evaluations not counted)")
     parser.add_argument("--every", type=float, default=120.0, help="seconds of training between evaluations")

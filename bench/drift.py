@@ -81,7 +81,7 @@ def drift(config, champion, run_dir: Path, seconds: float, every: float, cache: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run's checkpoint directory (its champion is the snapshot)")
-    parser.add_argument("--config", default=str(REPO / "configs" / "default.toml"))
+    parser.add_argument("--config", help="TOML changes to the default config (default: none)")
     parser.add_argument("--variant", action="append", default=None,
                         help='comma-separated --set overrides, e.g. "population.max_step_ratio=0.003"; "" = the config')
     parser.add_argument("--seconds", type=float, default=60.0, help="self-training time per variant")

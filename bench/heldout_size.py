@@ -71,7 +71,7 @@ def with_tournament_length(config, steps: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path)
-    parser.add_argument("--config", default=str(REPO / "configs" / "default.toml"))
+    parser.add_argument("--config", help="TOML changes to the default config (default: none)")
     parser.add_argument("--small", type=int, default=18, help="the small held-out set (its first tasks)")
     parser.add_argument("--large", type=int, default=72, help="further held-out tasks, the reference ranking")
     parser.add_argument("--train", type=int, default=24, help="fresh training-distribution tasks")

@@ -55,8 +55,9 @@ def main() -> None:
     args = parser.parse_args()
 
     contenders = {}
-    for arch in ("mlp", "hierarchical"):
-        lopt = make_lopt(LOptConfig(arch=arch))
+    configs = {"mlp": LOptConfig(), "hierarchical": LOptConfig(arch="hierarchical", features="per_tensor", odd=False)}
+    for arch, lopt_config in configs.items():
+        lopt = make_lopt(lopt_config)
         theta = jax.tree_util.tree_map(lambda x: x[None], lopt.init_theta(jax.random.PRNGKey(0)))
         contenders[arch] = (as_inner_optimizer(lopt), theta)
     contenders["adam"] = (ADAM, np.asarray([1e-3], np.float32))

@@ -78,7 +78,7 @@ def rounds_per_second(config, workers: int, rounds: int, warmup: int, cache: str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(REPO / "configs" / "default.toml"))
+    parser.add_argument("--config", help="TOML changes to the default config (default: none)")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, len(os.sched_getaffinity(0))])
     parser.add_argument("--rounds", type=int, default=30)

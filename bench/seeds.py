@@ -29,7 +29,8 @@ def launch(label: str, extra: list[str], seeds: int, first_core: int, args) -> l
     for seed in range(seeds):
         run_dir = Path(args.out) / f"{label}-seed{seed}"
         command = ["taskset", "-c", str(first_core + seed), sys.executable, str(REPO / "run.py"),
-                   "--config", args.config, "--checkpoint-dir", str(run_dir), "--seed", str(seed),
+                   *(["--config", args.config] if args.config else []), "--checkpoint-dir", str(run_dir),
+                   "--seed", str(seed),
                    "--max-minutes", str(args.minutes), "--fresh", *extra]
         log = open(Path(args.out) / f"{label}-seed{seed}.log", "w")
         runs.append((label, seed, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)))
@@ -46,7 +47,7 @@ def describe(label: str, seed: int, out: Path) -> tuple[str, float, float, float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(REPO / "configs" / "default.toml"))
+    parser.add_argument("--config", help="TOML changes to the default config (default: none)")
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--variant", default=None, help="extra run.py arguments for a second group")

@@ -37,6 +37,7 @@ import os
 import re
 import socket
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -47,7 +48,7 @@ import h5py
 import jax
 import numpy as np
 
-from selfloop.config import Config, ConfigError, config_from_dict, config_to_dict
+from selfloop.config import ADDED_KEYS, Config, ConfigError, config_to_dict, saved_config_from_dict
 from selfloop.estimators import new_slot
 from selfloop.guard import GuardState
 from selfloop.lopt import make_lopt
@@ -57,6 +58,7 @@ from selfloop.tasks.base import TaskSpec
 
 FORMAT = "selfloop-checkpoint"
 FORMAT_VERSION = 1
+CHECKSUM = "crc32"  # dataset attribute: CRC-32 of the data's bytes
 NAME = re.compile(r"^checkpoint-(\d{9})\.h5$")
 # Settings that shape what a checkpoint holds; a resume may not change them.
 FROZEN_KEYS = (
@@ -85,6 +87,8 @@ CONTROLLER_FIELDS = (
     "elapsed",
     "first_best",
 )
+# Controller fields added later, with the value a checkpoint without them implies.
+ADDED_CONTROLLER_FIELDS = {"heldout_set": ""}
 CHAMPION_FIELDS = ("outer_index", "truncation", "steps", "source", "round")
 MEMBER_FIELDS = ("outer_index", "truncation", "steps", "last_exploit_step", "meta_loss", "last_event",
                  "rejected_steps")
@@ -127,11 +131,32 @@ def tree_paths(tree: Any) -> list[tuple[str, Any]]:
     return [("/".join(_key_name(k) for k in path) or "value", leaf) for path, leaf in leaves]
 
 
+def _crc32(data: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(data).tobytes())
+
+
+def write_dataset(group: h5py.Group, name: str, data: Any) -> h5py.Dataset:
+    """A dataset with the CRC-32 of its bytes, which every read verifies."""
+    data = np.asarray(data)
+    dataset = group.create_dataset(name, data=data)
+    dataset.attrs[CHECKSUM] = _crc32(data)
+    return dataset
+
+
+def read_dataset(dataset: h5py.Dataset, where: str) -> np.ndarray:
+    """The dataset's data; CheckpointError if it does not match its checksum
+    (datasets written before checksums have none to check)."""
+    data = dataset[()]
+    if CHECKSUM in dataset.attrs and int(dataset.attrs[CHECKSUM]) != _crc32(data):
+        raise CheckpointError(f"{where}: {dataset.name} does not match its checksum (the file is corrupt)")
+    return data
+
+
 def write_tree(group: h5py.Group, name: str, tree: Any, description: str) -> None:
     sub = group.create_group(name)
     sub.attrs["description"] = description
     for path, leaf in tree_paths(tree):
-        sub.create_dataset(path, data=np.asarray(leaf))
+        write_dataset(sub, path, leaf)
 
 
 def read_tree(group: h5py.Group, name: str, template: Any, where: str) -> Any:
@@ -144,7 +169,7 @@ def read_tree(group: h5py.Group, name: str, template: Any, where: str) -> Any:
         key = f"{sub.name}/{path}"
         if path not in sub:
             raise CheckpointError(f"{where}: missing dataset {key}")
-        data = sub[path][()]
+        data = read_dataset(sub[path], where)
         if data.shape != tuple(expected.shape) or data.dtype != np.dtype(expected.dtype):
             raise CheckpointError(
                 f"{where}: {key} holds {data.dtype}{list(data.shape)}, "
@@ -175,7 +200,7 @@ def _write_member(group: h5py.Group, member: Member) -> None:
     write_tree(group, "theta", member.theta, "this member's learned-optimizer weights θ")
     write_tree(group, "outer_state", member.outer_state,
                "state kept by the outer optimizer (member outer_index's lopt) for θ: momenta and step count")
-    group.create_dataset("history", data=np.asarray(member.history, np.float64))
+    write_dataset(group, "history", np.asarray(member.history, np.float64))
     group["history"].attrs["description"] = "held-out mean normalized loss at each evaluation so far"
     guard = group.create_group("guard")
     guard.attrs["description"] = "divergence guard: smoothed training meta-loss and the snapshot at its best"
@@ -220,7 +245,7 @@ def write_checkpoint(run_dir: Path, state: RunState, config: Config) -> Path:
             handle.attrs[f"version_{name}"] = value
         controller = handle.create_group("controller")
         controller.attrs["description"] = "round counter, timers (run-elapsed seconds) and the PBT RNG"
-        for name in CONTROLLER_FIELDS:
+        for name in CONTROLLER_FIELDS + tuple(ADDED_CONTROLLER_FIELDS):
             controller.attrs[name] = getattr(state, name)
         controller.attrs["pbt_rng_state_json"] = json.dumps(state.pbt_rng.bit_generator.state)
         members = handle.create_group("members")
@@ -244,10 +269,40 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` is not a good checkpoint (unreadable, not one, a dataset
+    that fails its checksum), or None."""
+    problems: list[str] = []
+
+    def check(name: str, item: Any) -> None:
+        if isinstance(item, h5py.Dataset) and not problems:
+            try:
+                read_dataset(item, str(path))
+            except CheckpointError as error:
+                problems.append(str(error))
+
+    try:
+        with h5py.File(path, "r", locking=False) as handle:
+            if _scalar(handle.attrs.get("format", "")) != FORMAT:
+                return f"{path}: not a selfloop checkpoint"
+            handle.visititems(check)
+    except (OSError, KeyError, ValueError) as error:
+        return f"{path}: unreadable ({error})"
+    return problems[0] if problems else None
+
+
 def prune(run_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints; drop older ones and stale temporaries."""
-    for old in list_checkpoints(run_dir)[keep:]:
-        old.unlink(missing_ok=True)
+    """Keep the newest ``keep`` good checkpoints (verified by their
+    checksums); delete what is older than the oldest of them, and stale
+    temporaries. A bad file never counts toward ``keep``, so the last good
+    checkpoint is never deleted; a bad one newer than it stays until ``keep``
+    good ones are newer (a resume skips it and says why)."""
+    good = 0
+    for path in list_checkpoints(run_dir):
+        if good >= keep:
+            path.unlink(missing_ok=True)
+        elif checkpoint_problem(path) is None:
+            good += 1
     for stale in run_dir.glob(".checkpoint-*.tmp"):
         stale.unlink(missing_ok=True)
 
@@ -311,7 +366,7 @@ def _read_member(group: h5py.Group, templates: Templates, where: str) -> Member:
         theta=read_tree(group, "theta", templates.theta, where),
         outer_state=read_tree(group, "outer_state", templates.outer_state, where),
         slots=slots,
-        history=[float(x) for x in group["history"][()]],
+        history=[float(x) for x in read_dataset(group["history"], where)],
         guard=guard,
         **attrs,
     )
@@ -322,8 +377,9 @@ def check_resumable(saved: dict, config: Config, where: str) -> None:
     current, defaults = config_to_dict(config), config_to_dict(Config())
     for dotted in FROZEN_KEYS:
         section, key = dotted.split(".")
-        # A key the checkpoint predates had its default value then.
-        before, after = saved.get(section, {}).get(key, defaults[section][key]), current[section][key]
+        # A key the checkpoint predates had the value ADDED_KEYS gives it.
+        then = ADDED_KEYS.get(dotted, defaults[section][key])
+        before, after = saved.get(section, {}).get(key, then), current[section][key]
         if before != after:
             raise ConfigError(
                 f"{dotted}: the run in {where} was made with {before!r}, this config says {after!r}; "
@@ -331,13 +387,40 @@ def check_resumable(saved: dict, config: Config, where: str) -> None:
             )
 
 
-def saved_config(path: Path) -> Config:
-    """The config a checkpoint's run was made with."""
+def saved_config(path: Path, overrides: tuple[str, ...] = ()) -> Config:
+    """The config a checkpoint's run was made with, ``overrides`` applied."""
     try:
         with h5py.File(path, "r", locking=False) as handle:
-            return config_from_dict(json.loads(_scalar(handle.attrs["config_json"])), str(path))
-    except (OSError, KeyError) as error:
+            raw = json.loads(_scalar(handle.attrs["config_json"]))
+    except (OSError, KeyError, ValueError) as error:
         raise CheckpointError(f"{path}: unreadable ({error})") from None
+    return saved_config_from_dict(raw, str(path), overrides)
+
+
+def run_config(run_dir: Path, overrides: tuple[str, ...] = ()) -> Config | None:
+    """The config the run in ``run_dir`` was made with (from its newest
+    checkpoint that has a readable one), ``overrides`` applied; None if no
+    checkpoint there has one."""
+    for path in list_checkpoints(run_dir):
+        try:
+            return saved_config(path, overrides)
+        except CheckpointError:
+            continue
+    return None
+
+
+def usable_run_dir(run_dir: Path) -> Path:
+    """``run_dir``, created if need be; ConfigError naming run.checkpoint_dir if
+    it cannot hold a run (a file, not creatable, not writable)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.checkpoint_dir: {run_dir} is a file, not a directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"run.checkpoint_dir: cannot create {run_dir} ({error.strerror or error})") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.checkpoint_dir: {run_dir} is not writable")
+    return run_dir
 
 
 def read_checkpoint(path: Path, config: Config) -> RunState:
@@ -350,6 +433,8 @@ def read_checkpoint(path: Path, config: Config) -> RunState:
             check_resumable(json.loads(_scalar(handle.attrs["config_json"])), config, where)
             controller = handle["controller"]
             values = {name: _scalar(controller.attrs[name]) for name in CONTROLLER_FIELDS}
+            values |= {name: _scalar(controller.attrs.get(name, default))
+                       for name, default in ADDED_CONTROLLER_FIELDS.items()}
             rng = np.random.default_rng()
             rng.bit_generator.state = json.loads(_scalar(controller.attrs["pbt_rng_state_json"]))
             templates = Templates.of(config)

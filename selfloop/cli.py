@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
-from selfloop.config import ALL_FAMILIES, ConfigError, load_config
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
-
+from selfloop.config import ALL_FAMILIES, Config, ConfigError, load_config
 
 # Command-line options that set a config key (every subcommand reads the ones it has).
 OPTION_KEYS = (
@@ -28,7 +26,8 @@ OPTION_KEYS = (
 def _parser(prog: str, description: str, checkpoint_dir_help: str) -> argparse.ArgumentParser:
     """A parser with the options every subcommand has: the config, overrides, the run directory."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML config (default: configs/default.toml)")
+    parser.add_argument("--config", help="TOML file of changes to the default config (selfloop/config.py); without "
+                        "it, a run that exists already keeps the config it was made with")
     parser.add_argument(
         "--set",
         action="append",
@@ -68,6 +67,19 @@ def _overrides(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(extra)
 
 
+def resolve_config(args: argparse.Namespace, fresh: bool = False) -> Config:
+    """The config a command runs with: the defaults changed by ``--config``;
+    without ``--config``, the config an existing run in the run directory was
+    made with (unless ``fresh``). Then the flags and ``--set`` overrides."""
+    overrides = _overrides(args)
+    config = load_config(args.config, overrides)
+    if args.config is None and not fresh:
+        from selfloop.checkpoint import run_config
+
+        return run_config(Path(config.run.checkpoint_dir), overrides) or config
+    return config
+
+
 def _set_aside(run_dir: Path, names: list[Path]) -> Path | None:
     """Move a previous run's files into ``run_dir/previous-<time>/``; nothing is deleted."""
     if not names:
@@ -98,7 +110,7 @@ def build_export_parser() -> argparse.ArgumentParser:
 
 def export_main(argv: list[str]) -> int:
     args = build_export_parser().parse_args(argv)
-    config = load_config(args.config, _overrides(args))
+    config = resolve_config(args)
     from selfloop.export import export_from_run
 
     member, state = export_from_run(Path(config.run.checkpoint_dir), config, args.member, args.out)
@@ -106,9 +118,11 @@ def export_main(argv: list[str]) -> int:
         print(f"exported the PBT champion (from m{state.champion.source} at round {state.champion.round}) of "
               f"{config.run.checkpoint_dir} to {args.out}")
         return 0
-    score = state.members[member].history[-1] if state.members[member].history else float("nan")
-    print(f"exported member m{member} of {config.run.checkpoint_dir} at round {state.round} "
-          f"(latest held-out normalized loss {score:.3f}) to {args.out}")
+    history = state.members[member].history
+    scored = (f"held-out normalized loss {history[-1]:.3f} at the evaluation of round {state.last_eval_round}, "
+              f"{state.round - state.last_eval_round} rounds of outer steps and PBT copies before these weights; "
+              "`run.py eval --optimizer` measures them") if history else "not evaluated yet"
+    print(f"exported member m{member} of {config.run.checkpoint_dir} at round {state.round} ({scored}) to {args.out}")
     return 0
 
 
@@ -128,12 +142,12 @@ def build_eval_parser() -> argparse.ArgumentParser:
 
 def eval_main(argv: list[str]) -> int:
     args = build_eval_parser().parse_args(argv)
-    config = load_config(args.config, _overrides(args))
+    config = resolve_config(args)
     from selfloop.worker import configure_jax
 
     configure_jax(config.farm.compile_cache or None)
     from selfloop.checkpoint import load_latest
-    from selfloop.farm import make_farm
+    from selfloop.farm import Interrupted, make_farm
     from selfloop.report_eval import evaluate_lopts, format_table, write_outputs
     from selfloop.tasks.sampler import heldout_tasks
 
@@ -168,10 +182,16 @@ def eval_main(argv: list[str]) -> int:
     print(f"evaluating {len(thetas)} learned optimizers of {source} on {cfg.tasks} held-out tasks x {cfg.steps} "
           f"steps, with Adam at 15 rates on the same tasks (cached in {run_dir})", flush=True)
     farm = make_farm(config.farm, run_dir)
+    stop = _stop_on_signals()
+    farm.should_stop = lambda: stop.requested
     try:
-        curves, table = evaluate_lopts(thetas, lopt_config, specs, cfg.steps, cfg.chunk, farm.map, run_dir)
+        with _farm_progress(farm, "evaluating"):
+            curves, table = evaluate_lopts(thetas, lopt_config, specs, cfg.steps, cfg.chunk, farm.map, run_dir)
+    except Interrupted:
+        print(f"{stop.reason}: evaluation stopped; nothing written", file=sys.stderr)
+        return 130
     finally:
-        farm.close()
+        farm.close(now=stop.requested)
     title = f"{config.run.name}, {label}: {cfg.tasks} held-out tasks x {cfg.steps} steps"
     about = {"source": source, "label": label, "tasks": [s.describe() for s in specs], "steps": cfg.steps,
              "title": title}
@@ -181,26 +201,68 @@ def eval_main(argv: list[str]) -> int:
     return 0
 
 
+def _stop_on_signals():
+    """A StopFlag that SIGINT and SIGTERM set (a second one exits at once)."""
+    from selfloop.train import StopFlag
+
+    stop = StopFlag()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda num, _frame: _request_stop(stop, num))
+    return stop
+
+
+@contextlib.contextmanager
+def _farm_progress(farm, label: str):
+    """Show the farm's progress through one command's long phase: a rich bar
+    on a terminal, a line every few seconds otherwise."""
+    from selfloop.train import PhaseProgress
+
+    if not sys.stderr.isatty():
+        farm.progress = PhaseProgress(lambda text: print(f"...   {text}", file=sys.stderr, flush=True), label)
+        try:
+            yield
+        finally:
+            farm.progress = None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        farm.progress = lambda done, total: bar.update(task, completed=done, total=total)
+        try:
+            yield
+        finally:
+            farm.progress = None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to a subcommand; a bad config or run directory exits 2 with the key named."""
+    """Dispatch to a subcommand; bad input (a config key, a run directory, a
+    member, an optimizer file, an unreachable farm) exits 2 with one line that
+    names it."""
+    from selfloop.checkpoint import CheckpointError
+    from selfloop.export import OptimizerFileError
+    from selfloop.farm import FarmUnavailable
+
     argv = sys.argv[1:] if argv is None else argv
     commands = {"export": export_main, "eval": eval_main}
     try:
         if argv[:1] and argv[0] in commands:
             return commands[argv[0]](argv[1:])
         return train_main(argv)
-    except ConfigError as error:
+    except (ConfigError, CheckpointError, OptimizerFileError, FarmUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
 
 def train_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    config = load_config(args.config, _overrides(args))  # fails before anything is written
-    run_dir = Path(config.run.checkpoint_dir)
+    config = resolve_config(args, fresh=args.fresh)  # fails before anything is written
 
-    from selfloop.checkpoint import RunLock, RunLocked
+    from selfloop.checkpoint import RunLock, RunLocked, usable_run_dir
 
+    run_dir = usable_run_dir(Path(config.run.checkpoint_dir))
     try:
         lock = RunLock(run_dir).acquire()
     except RunLocked as error:
@@ -219,9 +281,9 @@ def _train(args: argparse.Namespace, config, run_dir: Path) -> int:
 
     from selfloop.checkpoint import load_latest
     from selfloop.dashboard import LiveDashboard
-    from selfloop.farm import make_farm
+    from selfloop.farm import Interrupted, make_farm, usable_workers
     from selfloop.report import PlainReporter, format_record
-    from selfloop.train import StopFlag, Trainer
+    from selfloop.train import Session, Trainer
 
     notes: list[dict] = []
     if args.fresh and (moved := _set_aside(run_dir, _previous_run(run_dir))):
@@ -236,31 +298,43 @@ def _train(args: argparse.Namespace, config, run_dir: Path) -> int:
         # A run that died before its first checkpoint left only a log: nothing to resume.
         notes.append({"kind": "fresh", "message": f"no usable checkpoint; previous files moved to {moved}"})
 
-    stop = StopFlag()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda num, _frame: _request_stop(stop, num))
+    session = Session(config.run.max_minutes, _stop_on_signals())
+    if config.farm.engine == "local" and (capped := usable_workers(config.farm.workers)[1]):
+        notes.append({"kind": "progress", "message": f"farm.workers = {config.farm.workers}: {capped}"})
 
     farm = make_farm(config.farm, run_dir)
     live = config.run.dashboard == "live" or (config.run.dashboard == "auto" and sys.stdout.isatty())
     reporter = LiveDashboard(in_flight=lambda: farm.stats.in_flight) if live else PlainReporter()
+    interrupted = False
     try:
         with reporter if live else contextlib.nullcontext():
-            trainer = Trainer(config, run_dir, reporter, farm)
+            trainer = Trainer(config, run_dir, reporter, farm, session)
             state = trainer.begin(found)
             for note in notes:
                 trainer.log(note)
-            trainer.prepare()
-            trainer.train(state, config.run.max_minutes, config.run.max_rounds, stop)
+            try:
+                trainer.prepare()
+            except Interrupted:  # nothing trained yet: the checkpoint begin() found or wrote stands
+                interrupted = True
+                trainer.log({"kind": "end", "round": state.round, "elapsed": state.elapsed,
+                             "reason": f"{session.reason} while preparing", "start_best": state.first_best,
+                             "end_best": float("nan"), "adam_best_fixed": float("nan"),
+                             "adam_tuned": float("nan")})
+            else:
+                trainer.train(state, config.run.max_rounds)
         if live:  # the screen is gone: leave the outcome in the terminal
             print(format_record(trainer.log.last) or "", f"\nevent log: {trainer.log.path}")
     finally:
-        farm.close()
-    return 130 if stop.requested else 0
+        farm.close(now=interrupted or session.stop.requested)
+    return 130 if session.stop.requested else 0
 
 
 def _request_stop(stop, signum: int) -> None:
-    if stop.requested:  # a second Ctrl-C: stop now, from the last checkpoint
-        raise KeyboardInterrupt
-    stop.request(signal.Signals(signum).name)
-    print(f"\n{signal.Signals(signum).name}: finishing this round, then checkpointing "
-          "(again to stop at once)", file=sys.stderr)
+    name = signal.Signals(signum).name
+    if stop.requested:
+        # Checkpoints are written to a temporary file and renamed, and workers
+        # die with the master: leaving now loses only the work since the last one.
+        print(f"\n{name} again: exiting now; a resume continues from the last checkpoint", file=sys.stderr)
+        os._exit(130)
+    stop.request(name)
+    print(f"\n{name}: stopping the running phase, then checkpointing (again to exit at once)", file=sys.stderr)

@@ -40,6 +40,7 @@ class MemberRow:
     steps: int = 0
     age: int = 0  # outer steps since this lineage's weights were last copied (or since init)
     last_event: str = "init"
+    replaced: bool = False  # its weights were copied over or rolled back since its last evaluation
 
     @property
     def latest(self) -> float:
@@ -79,6 +80,7 @@ class DashboardState:
     adam_tuned: float = math.nan
     champion: float = math.nan  # the PBT champion's held-out loss (it is scored beside the members)
     unseen: dict | None = None  # the newest scores on families left out of training (eval.unseen_families)
+    pbt_events: int = 0
     status: str = "starting"
 
     def ensure_members(self, count: int) -> None:
@@ -90,7 +92,7 @@ def apply(state: DashboardState, record: dict, now: float | None = None) -> None
     """Fold one event record into ``state``."""
     kind = record["kind"]
     now = time.time() if now is None else now
-    if "elapsed" in record and kind != "resume":
+    if "elapsed" in record and kind not in ("resume", "end"):
         state.elapsed, state.received = record["elapsed"], now
     if kind == "start":
         config = record["config"]
@@ -99,13 +101,24 @@ def apply(state: DashboardState, record: dict, now: float | None = None) -> None
         state.pbt_interval = (config["pbt"]["interval_seconds"], config["pbt"]["interval_rounds"])
         state.checkpoint_interval = (config["checkpoint"]["interval_seconds"], config["checkpoint"]["interval_rounds"])
         state.ensure_members(config["population"]["size"])
-        state.status = "compiling and computing the Adam reference"
+        state.status = "starting: compiling, then the Adam reference"
     elif kind == "resume":
-        state.round, state.elapsed, state.received = record["round"], record["elapsed"], now
+        # The run clock stands still until training resumes (preparation is not run time).
+        state.round, state.elapsed, state.received = record["round"], record["elapsed"], 0.0
         state.last_checkpoint = state.last_pbt = (record["elapsed"], record["round"])
         state.ensure_members(len(record["histories"]))
         for row, history, event in zip(state.members, record["histories"], record["last_event"]):
             row.evals, row.last_event = list(history), event
+        latest = [row.latest for row in state.members]
+        if any(math.isfinite(x) for x in latest):
+            state.best_member = min(range(len(latest)), key=lambda i: latest[i] if math.isfinite(latest[i]) else 9e9)
+            state.best = latest[state.best_member]
+    elif kind == "reference":
+        state.adam_best_fixed, state.adam_tuned = record["adam_best_fixed"], record["adam_tuned"]
+    elif kind == "heldout_changed":
+        for row in state.members:
+            row.evals = []
+        state.best, state.best_member, state.champion = math.nan, -1, math.nan
     elif kind == "round":
         state.round, state.inner_steps, state.status = record["round"], record["inner_steps"], "training"
         state.worker_restarts, state.failed_units = record["worker_restarts"], state.failed_units + record[
@@ -119,6 +132,7 @@ def apply(state: DashboardState, record: dict, now: float | None = None) -> None
         state.ensure_members(len(record["members"]))
         for row, score in zip(state.members, record["members"]):
             row.evals.append(float(score))
+            row.replaced = False
         state.best, state.best_member = record["best"], record["best_member"]
         state.champion = math.nan if record.get("champion") is None else record["champion"]
         state.adam_best_fixed, state.adam_tuned = record["adam_best_fixed"], record["adam_tuned"]
@@ -127,18 +141,22 @@ def apply(state: DashboardState, record: dict, now: float | None = None) -> None
         state.last_pbt = (record.get("elapsed", state.elapsed), record["round"])
         state.ensure_members(max(record["winner"], record["loser"]) + 1)
         loser = state.members[record["loser"]]
-        loser.age = 0
+        loser.age, loser.replaced = 0, True
         source = "champion" if record.get("source") == "champion" else f"m{record['winner']}"
         loser.last_event = f"copied {source} @r{record['round']}"
+        state.pbt_events += 1
     elif kind == "pbt_skipped":
         state.last_pbt = (state.elapsed, record["round"])
     elif kind == "rollback":
         state.rollbacks += 1
         state.ensure_members(record["member"] + 1)
         state.members[record["member"]].last_event = f"rollback @r{record['round']}"
+        state.members[record["member"]].replaced = True
     elif kind == "checkpoint":
         state.last_checkpoint = (record["elapsed"], record["round"])
-    elif kind == "progress":
+        if state.status.startswith("writing"):
+            state.status = "training"
+    elif kind in ("progress", "phase"):
         state.status = record["message"]
     elif kind == "end":
         state.status = f"finished ({record.get('reason', 'budget')})"
@@ -174,7 +192,9 @@ def _duration(seconds: float) -> str:
 def _time_to_next(interval: tuple[float, int], last: tuple[float, int], elapsed: float, round_index: int) -> str:
     seconds, rounds = interval
     parts = []
-    if seconds > 0:
+    if 0 < seconds < 10:  # a countdown would read 0:00 throughout
+        parts.append(f"every {seconds:g} s")
+    elif seconds > 0:
         parts.append(_duration(seconds - (elapsed - last[0])))
     if rounds > 0:
         parts.append(f"{max(0, rounds - (round_index - last[1]))} rounds")
@@ -188,30 +208,43 @@ def _throughput(state: DashboardState) -> float:
     return (s1 - s0) / (t1 - t0) if t1 > t0 else math.nan
 
 
-def member_table(state: DashboardState) -> Table:
+WIDE = 110  # narrower terminals get the member table without trend, age and steps
+COLUMNS = (("member", "left"), ("latest", "right"), ("best", "right"), ("trend", "left"), ("meta-loss", "right"),
+           ("trained by", "right"), ("K", "right"), ("age", "right"), ("steps", "right"), ("last event", "left"))
+NARROW_DROPS = ("trend", "age", "steps")
+
+
+def member_table(state: DashboardState, width: int = WIDE) -> Table:
+    """One row per member; a latest score marked * belongs to weights that have
+    since been replaced (a PBT copy or a rollback): it is not theirs."""
+    columns = [c for c in COLUMNS if width >= WIDE or c[0] not in NARROW_DROPS]
     table = Table(expand=True, pad_edge=False, box=None, header_style="bold")
-    for name, justify in (("member", "left"), ("latest", "right"), ("best", "right"), ("trend", "left"),
-                          ("meta-loss", "right"), ("trained by", "right"), ("K", "right"), ("age", "right"),
-                          ("steps", "right"), ("last event", "left")):
-        table.add_column(name, justify=justify, no_wrap=True)
+    for name, justify in columns:
+        table.add_column(name, justify=justify, no_wrap=True, overflow="ellipsis")
     for i, row in enumerate(state.members):
-        style = "bold green" if i == state.best_member else ""
-        table.add_row(
-            f"m{i}", _number(row.latest), _number(row.best), sparkline(row.evals), _number(row.meta_loss),
-            f"m{row.outer_index}" if row.outer_index >= 0 else "-", str(row.truncation or "-"), f"{row.age:,}",
-            f"{row.steps:,}", row.last_event, style=style,
-        )  # fmt: skip
+        cells = {
+            "member": f"m{i}", "latest": _number(row.latest) + ("*" if row.replaced else ""),
+            "best": _number(row.best), "trend": sparkline(row.evals), "meta-loss": _number(row.meta_loss),
+            "trained by": f"m{row.outer_index}" if row.outer_index >= 0 else "-", "K": str(row.truncation or "-"),
+            "age": f"{row.age:,}", "steps": f"{row.steps:,}", "last event": row.last_event,
+        }  # fmt: skip
+        table.add_row(*(cells[name] for name, _ in columns), style="bold green" if i == state.best_member else "")
     return table
 
 
-def render(state: DashboardState, in_flight: int = 0, now: float | None = None) -> Group:
-    """The whole screen for ``state``; ``now`` (wall time) advances the clocks between records."""
+def render(state: DashboardState, in_flight: int = 0, now: float | None = None, width: int = 120,
+           height: int = 50) -> Group:
+    """The whole screen for ``state`` on a ``width`` x ``height`` terminal;
+    ``now`` (wall time) advances the clocks between records. On a short
+    terminal the events panel gives way first, so every member's row and the
+    current phase always show."""
     now = time.time() if now is None else now
     elapsed = state.elapsed + (max(0.0, now - state.received) if state.received else 0.0)
     resumed = "new population" if state.resumed_from is None else f"resumed from round {state.resumed_from}"
     header = Text.assemble(
-        (f"selfloop · {state.run_name}", "bold"), f"   {state.run_dir}   {resumed}   ",
-        (f"round {state.round:,}", "bold"), f"   run time {_duration(elapsed)}   {state.status}",
+        (f"selfloop · {state.run_name}", "bold"), f"   {resumed}   ", (f"round {state.round:,}", "bold"),
+        f"   run time {_duration(elapsed)}   {state.run_dir}\n", ("now: ", "bold"), state.status,
+        no_wrap=True, overflow="ellipsis",
     )  # fmt: skip
     rate = _throughput(state)
     workers = max(state.workers, 1)
@@ -222,23 +255,35 @@ def render(state: DashboardState, in_flight: int = 0, now: float | None = None) 
                   f"({verdict}); per-task tuned {_number(state.adam_tuned)}; PBT champion {_number(state.champion)}")
     next_pbt = _time_to_next(state.pbt_interval, state.last_pbt, elapsed, state.round)
     next_checkpoint = _time_to_next(state.checkpoint_interval, state.last_checkpoint, elapsed, state.round)
-    health = Text("\n".join((
-        f"inner steps/s {_count(rate)} ({_count(rate / workers)} per core, {state.workers} workers)   "
-        f"units in flight {in_flight}   worker restarts {state.worker_restarts}   failed units {state.failed_units}",
-        f"next PBT in {next_pbt}   next checkpoint in {next_checkpoint}   rollbacks {state.rollbacks}   "
-        f"inner steps {state.inner_steps:,}",
+    health_lines = [
         f"held-out best: {versus}",
         *([f"unseen families: best {state.unseen['best']:.3f} vs Adam best fixed lr "
            f"{state.unseen['adam_best_fixed']:.3f}; per-task tuned {state.unseen['adam_tuned']:.3f}"]
           if state.unseen else []),
-    )), no_wrap=True, overflow="ellipsis")  # fmt: skip
-    events = Text("\n".join(state.events) if state.events else "no PBT events yet", no_wrap=True, overflow="ellipsis")
-    return Group(
+        f"inner steps/s {_count(rate)} ({_count(rate / workers)} per core, {state.workers} workers)   "
+        f"units in flight {in_flight}   worker restarts {state.worker_restarts}   failed units {state.failed_units}",
+        f"PBT {next_pbt} ({state.pbt_events:,} tournaments)   next checkpoint in {next_checkpoint}   "
+        f"rollbacks {state.rollbacks}   inner steps {state.inner_steps:,}",
+    ]  # fmt: skip
+    # Rows: header panel 4, members n + 3, health lines + 2, events panel lines + 2.
+    room = height - 4 - (len(state.members) + 3) - (len(health_lines) + 2)
+    shown = min(EVENTS_SHOWN, room - 2)
+    if shown < 1:  # no room for the panel: the newest event joins the health lines, or they shrink
+        health_lines = health_lines[: max(1, len(health_lines) + room - 1)]
+        if state.events and room >= 1:
+            health_lines.append(f"last event: {state.events[-1]}")
+    health = Text("\n".join(health_lines), no_wrap=True, overflow="ellipsis")
+    panels = [
         Panel(header, padding=(0, 1)),
-        Panel(member_table(state), title="members (held-out mean normalized loss; lower is better)"),
-        Panel(events, title="recent PBT events, rollbacks and rejected steps", height=EVENTS_SHOWN + 2),
-        Panel(health, title="throughput and health"),
-    )
+        Panel(member_table(state, width), title="members: held-out mean normalized loss, lower is better; "
+                                                "* weights replaced since"),
+        Panel(health, title="progress and health"),
+    ]  # fmt: skip
+    if shown >= 1:
+        lines = list(state.events)[-shown:] or ["no PBT events yet"]
+        events = Text("\n".join(lines), no_wrap=True, overflow="ellipsis")
+        panels.insert(2, Panel(events, title="recent PBT events, rollbacks and rejected steps", height=shown + 2))
+    return Group(*panels)
 
 
 class LiveDashboard:
@@ -249,7 +294,8 @@ class LiveDashboard:
         self.lock = threading.Lock()
         self.in_flight = in_flight
         # Prints from the master (warnings) are shown above the screen, not through it.
-        self.live = Live(console=console, get_renderable=self._snapshot, refresh_per_second=refresh_per_second)
+        self.console = console or Console()
+        self.live = Live(console=self.console, get_renderable=self._snapshot, refresh_per_second=refresh_per_second)
 
     def __call__(self, record: dict) -> None:
         with self.lock:
@@ -258,7 +304,8 @@ class LiveDashboard:
     def _snapshot(self) -> Group:
         with self.lock:
             state = copy.deepcopy(self.state)
-        return render(state, self.in_flight())
+        width, height = self.console.size
+        return render(state, self.in_flight(), width=width, height=height)
 
     def __enter__(self) -> LiveDashboard:
         self.live.start()
@@ -266,3 +313,44 @@ class LiveDashboard:
 
     def __exit__(self, *exc) -> None:
         self.live.stop()
+
+
+def watch(events: str, follow: bool = True, seconds: float = 0.0) -> None:
+    """Show the live dashboard of the run whose ``events.jsonl`` is ``events``
+    (from another terminal, or another node on the shared filesystem): its
+    records so far, then new ones as the master appends them (``follow``),
+    for ``seconds`` (0: until Ctrl-C)."""
+    import json
+    from pathlib import Path
+
+    dashboard = LiveDashboard()
+    path, position, started = Path(events), 0, time.time()
+    with dashboard:
+        try:
+            while True:
+                with path.open("rb") as handle:
+                    handle.seek(position)
+                    for line in iter(handle.readline, b""):
+                        if not line.endswith(b"\n"):
+                            break  # the master is still writing it
+                        position += len(line)
+                        dashboard(json.loads(line))
+                if (seconds and time.time() - started >= seconds) or not (follow or seconds):
+                    return
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            return
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="watch a run's live dashboard from its events.jsonl")
+    parser.add_argument("events", help="a run's events.jsonl (e.g. checkpoints/default/events.jsonl)")
+    parser.add_argument("--seconds", type=float, default=0.0, help="stop after this long (default: Ctrl-C)")
+    args = parser.parse_args(argv)
+    watch(args.events, seconds=args.seconds)
+
+
+if __name__ == "__main__":
+    main()

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from selfloop.checkpoint import Templates, load_latest, read_tree, write_tree
-from selfloop.config import Config, ConfigError, LOptConfig, config_to_dict
+from selfloop.checkpoint import CheckpointError, Templates, load_latest, read_tree, write_tree
+from selfloop.config import Config, ConfigError, LOptConfig, config_to_dict, saved_config_from_dict
 from selfloop.lopt import make_lopt
 from selfloop.population import RunState
 
@@ -34,15 +34,20 @@ FORMAT = "selfloop-optimizer"
 PRETRAINED = Path(__file__).resolve().parent / "pretrained"
 
 
+class OptimizerFileError(ValueError):
+    """An optimizer file that is missing or unreadable; the message names it."""
+
+
 def choose_member(state: RunState, which: str) -> int:
     """``best``: the member with the lowest latest held-out score; or a member number."""
     if which == "champion":
         raise ConfigError("--member champion is not a member number (export_from_run handles it)")
     if which != "best":
-        index = int(which)
-        if not 0 <= index < len(state.members):
-            raise ConfigError(f"--member: expected 'best' or 0..{len(state.members) - 1}, got {which}")
-        return index
+        number = which.removeprefix("m")
+        if not number.isdigit() or not 0 <= int(number) < len(state.members):
+            raise ConfigError(f"--member: expected 'best', 'champion' or a member 0..{len(state.members) - 1} "
+                              f"(m0..m{len(state.members) - 1}), got {which!r}")
+        return int(number)
     scores = [m.history[-1] if m.history else math.inf for m in state.members]
     if not any(math.isfinite(s) for s in scores):
         raise ConfigError("--member best: no member has a held-out evaluation in this checkpoint yet")
@@ -85,13 +90,20 @@ def export_from_run(run_dir: Path, config: Config, which: str, out: Path) -> tup
 
 
 def load_theta(path: str | Path) -> tuple[LOptConfig, dict]:
-    """(lopt settings, θ) stored by ``export_member``."""
-    with h5py.File(path, "r", locking=False) as handle:
-        if handle.attrs.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a selfloop optimizer file (attribute 'format' is not {FORMAT!r})")
-        lopt_config = LOptConfig(**json.loads(handle.attrs["lopt_json"]))
-        template = Templates.of(Config(lopt=lopt_config)).theta
-        return lopt_config, read_tree(handle, "theta", template, str(path))
+    """(lopt settings, θ) stored by ``export_member``; ``OptimizerFileError``
+    naming the file for one that is missing or not an optimizer file."""
+    try:
+        with h5py.File(path, "r", locking=False) as handle:
+            if handle.attrs.get("format") != FORMAT:
+                raise OptimizerFileError(f"{path}: not a selfloop optimizer file (attribute 'format' is not "
+                                         f"{FORMAT!r})")
+            lopt_config = saved_config_from_dict({"lopt": json.loads(handle.attrs["lopt_json"])}, str(path)).lopt
+            template = Templates.of(Config(lopt=lopt_config)).theta
+            return lopt_config, read_tree(handle, "theta", template, str(path))
+    except FileNotFoundError:
+        raise OptimizerFileError(f"{path}: no such optimizer file") from None
+    except (OSError, KeyError, CheckpointError) as error:
+        raise OptimizerFileError(f"{path}: unreadable optimizer file ({error})") from None
 
 
 def load_optimizer(path: str | Path = PRETRAINED / "default.h5") -> optax.GradientTransformation:

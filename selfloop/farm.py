@@ -36,6 +36,22 @@ import cloudpickle
 from selfloop.worker import compile_seconds, prepare_process, to_host, worker_main
 
 
+class Interrupted(Exception):
+    """``map`` or ``broadcast`` gave up because its ``should_stop`` said so
+    (a stop request or the time limit); units still running are abandoned."""
+
+
+def never() -> bool:
+    return False
+
+
+Progress = Callable[[int, int], None]  # (units done, units in the call): a long phase shows it
+
+
+class FarmUnavailable(RuntimeError):
+    """The engine cannot start; the message says why and what to do."""
+
+
 class UnitFailure(NamedTuple):
     """A unit that failed ``attempts`` times; ``error`` is the last traceback."""
 
@@ -70,10 +86,16 @@ class InProcessFarm:
     def __init__(self, max_attempts: int = 2):
         self.max_attempts = max_attempts
         self.stats = FarmStats(workers=1)
+        self.should_stop: Callable[[], bool] = never
+        self.progress: Progress | None = None
 
     def map(self, fn: Callable, items: list, cost: list[float] | None = None) -> list:
         results = []
         for index, item in enumerate(items):  # one at a time: order cannot matter
+            if self.should_stop():
+                raise Interrupted
+            if self.progress:
+                self.progress(index, len(items))
             for attempt in range(1, self.max_attempts + 1):
                 try:
                     results.append(fn(item))
@@ -91,7 +113,7 @@ class InProcessFarm:
         """Run ``fn()`` once in every worker (here: once)."""
         return [fn()]
 
-    def close(self) -> None:
+    def close(self, now: bool = False) -> None:
         pass
 
 
@@ -128,6 +150,8 @@ class LocalFarm:
         self.workers = [self._spawn(slot) for slot in range(count)]
         self.stats = FarmStats(workers=count)
         self._retired_compile_seconds = 0.0
+        self.should_stop: Callable[[], bool] = never  # checked about once a second while units run
+        self.progress: Progress | None = None
 
     def _spawn(self, slot: int) -> _Worker:
         core = self.cores[slot % len(self.cores)]
@@ -188,6 +212,9 @@ class LocalFarm:
             worker.conn.send((("broadcast", worker.slot), payload))
         results = []
         for worker in self.workers:
+            while not worker.conn.poll(0.5):
+                if self.should_stop():
+                    raise Interrupted
             message = worker.conn.recv()
             while message[0] == "ready":
                 worker.affinity = message[2]
@@ -234,19 +261,27 @@ class LocalFarm:
                 if not worker.process.is_alive():
                     self._replace_dead(worker, results, pending)
             done = sum(r is not None for r in results)
+            if done < len(items) and self.should_stop():
+                raise Interrupted
+            if self.progress:
+                self.progress(done, len(items))
         self.stats.in_flight = 0
         return results
 
-    def close(self) -> None:
+    def close(self, now: bool = False) -> None:
+        """Stop the workers: after their current unit, or ``now`` (abandoning it)."""
         for worker in self.workers:
             try:
-                worker.conn.send(None)
+                if now:
+                    worker.process.terminate()
+                else:
+                    worker.conn.send(None)
             except (BrokenPipeError, OSError):
                 pass
         for worker in self.workers:
-            worker.process.join(timeout=5)
+            worker.process.join(timeout=1 if now else 5)
             if worker.process.is_alive():
-                worker.process.terminate()
+                worker.process.kill() if now else worker.process.terminate()
 
 
 def _call(fn: Callable) -> Any:
@@ -261,12 +296,21 @@ def _dask_call(fn: Callable, item: Any, cache_root: str | None) -> Any:
 class DaskFarm:
     """The same units on a Dask distributed cluster (``dask worker --nthreads 1``)."""
 
-    def __init__(self, address_or_cluster: Any, cache_root: str | None = None, max_attempts: int = 3):
-        from distributed import Client
-
-        self.client = Client(address_or_cluster)
+    def __init__(self, address_or_cluster: Any, cache_root: str | None = None, max_attempts: int = 3,
+                 connect_seconds: float = 20.0):
+        try:
+            from distributed import Client
+        except ModuleNotFoundError:
+            raise FarmUnavailable('the dask engine needs distributed: pip install -e ".[dask]"') from None
+        try:
+            self.client = Client(address_or_cluster, timeout=connect_seconds)
+        except (OSError, TimeoutError) as error:
+            raise FarmUnavailable(f"farm.scheduler: cannot reach the Dask scheduler at {address_or_cluster} "
+                                  f"within {connect_seconds:.0f} s ({error})") from None
         self.cache_root, self.max_attempts = cache_root, max_attempts
         self.stats = FarmStats(workers=len(self.client.scheduler_info()["workers"]))
+        self.should_stop: Callable[[], bool] = never
+        self.progress: Progress | None = None
 
     def map(self, fn: Callable, items: list, cost: list[float] | None = None) -> list:
         rank = {index: len(items) - position for position, index in enumerate(dispatch_order(len(items), cost))}
@@ -278,7 +322,16 @@ class DaskFarm:
         results = []
         for index, future in enumerate(futures):
             try:
+                while not future.done():
+                    if self.should_stop():
+                        self.client.cancel(futures)
+                        raise Interrupted
+                    distributed_wait(future, timeout=1.0)
                 results.append(future.result())
+                if self.progress:
+                    self.progress(index + 1, len(items))
+            except Interrupted:
+                raise
             except Exception as error:  # noqa: BLE001 - reported as a failed unit
                 self.stats.failures += 1
                 results.append(UnitFailure(index, repr(error), self.max_attempts))
@@ -289,8 +342,18 @@ class DaskFarm:
         cache_root = self.cache_root
         return list(self.client.run(lambda: _dask_call(_call, fn, cache_root)).values())
 
-    def close(self) -> None:
+    def close(self, now: bool = False) -> None:
         self.client.close()
+
+
+def distributed_wait(future, timeout: float) -> None:
+    """Wait for ``future`` at most ``timeout`` seconds (returns either way)."""
+    from distributed import wait
+
+    try:
+        wait(future, timeout=timeout)
+    except TimeoutError:
+        pass
 
 
 def make_farm(config, run_dir: Path):
@@ -299,7 +362,39 @@ def make_farm(config, run_dir: Path):
     if config.engine == "inprocess":
         return InProcessFarm(config.max_attempts)
     if config.engine == "dask":
-        return DaskFarm(config.scheduler, cache, config.max_attempts)
-    farm = LocalFarm(config.workers, cache, run_dir / "workers", config.max_attempts)
+        return DaskFarm(config.scheduler, cache, config.max_attempts, config.connect_seconds)
+    farm = LocalFarm(usable_workers(config.workers)[0], cache, run_dir / "workers", config.max_attempts)
     farm.wait_ready()
     return farm
+
+
+# A worker's resident memory once it has compiled the default config's programs
+# for every task family (measured: about 1.7 GB), with some headroom.
+WORKER_MEMORY_BYTES = 2 * 1024**3
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available for new processes (Linux), or None if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def usable_workers(requested: int, memory: int | None = None) -> tuple[int, str]:
+    """Local workers for ``farm.workers`` and, when fewer than asked, why: 0
+    means one per available core; never more than the cores (a worker is
+    pinned to a core; two on one core only share it) nor than the available
+    memory holds at ``WORKER_MEMORY_BYTES`` each."""
+    cores = len(os.sched_getaffinity(0))
+    count = cores if requested == 0 else min(requested, cores)
+    reason = f"capped to the {cores} cores available" if count < requested else ""
+    memory = available_memory() if memory is None else memory
+    if memory is not None and count * WORKER_MEMORY_BYTES > memory:
+        count = max(1, memory // WORKER_MEMORY_BYTES)
+        reason = (f"capped to {count}: {memory / 1024**3:.1f} GB of memory available, about "
+                  f"{WORKER_MEMORY_BYTES / 1024**3:.0f} GB per worker")
+    return count, reason

@@ -7,8 +7,15 @@ from pathlib import Path
 import numpy as np
 
 
+class PlotExtraMissing(ImportError):
+    """matplotlib is not installed; the message says how to install it."""
+
+
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise PlotExtraMissing('figures need matplotlib: pip install -e ".[plot]"') from None
 
     matplotlib.use("Agg")  # files only; never a window
     import matplotlib.pyplot as plt
@@ -21,11 +28,15 @@ def figure2(curves, out: Path, title: str = "") -> None:
     every fixed-learning-rate Adam dashed blue, per-task tuned Adam black."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(8, 5))
+    adam_rates = [name for name in curves.per_task if name.startswith("adam lr=")]
     for name in curves.per_task:
         curve = curves.mean_curve(name)
         steps = np.arange(len(curve))
         if name.startswith("adam lr="):
-            axis.plot(steps, curve, ls="--", color="tab:blue", lw=0.8, alpha=0.6)
+            # Dashed blue as in the paper, light to dark from the smallest rate to the largest.
+            shade = plt.cm.Blues(0.3 + 0.7 * adam_rates.index(name) / max(len(adam_rates) - 1, 1))
+            label = name if name in (adam_rates[0], adam_rates[-1]) else None
+            axis.plot(steps, curve, ls="--", color=shade, lw=0.9, alpha=0.8, label=label)
         elif name == "adam tuned":
             axis.plot(steps, curve, color="black", lw=2.0, label="Adam, tuned per task")
         else:

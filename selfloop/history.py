@@ -88,14 +88,29 @@ def rail_use(records: list[dict]) -> RailUse:
     )
 
 
-def summary(records: list[dict]) -> str:
-    """A plain-text table of the held-out evaluations of one run."""
+def latest_series(records: list[dict]) -> tuple[list[dict], list[int], int]:
+    """The evaluations on the run's latest held-out set (a resume with other
+    eval.* settings starts a new series), the inner steps at each, and how
+    many earlier series there were."""
     evals = [r for r in records if r["kind"] == "eval"]
+    steps = inner_steps_at_evals(records)
+    sets = [e.get("heldout_set") for e in evals]  # older logs: None throughout
+    first = next((i for i in range(len(sets) - 1, 0, -1) if sets[i] != sets[i - 1]), 0)
+    earlier = sum(1 for i in range(1, len(sets)) if sets[i] != sets[i - 1])
+    return evals[first:], steps[first:], earlier
+
+
+def summary(records: list[dict]) -> str:
+    """A plain-text table of the held-out evaluations of one run (its latest held-out series)."""
+    evals, steps_at, earlier = latest_series(records)
     if not evals:
         return "no evaluations in this log"
     lines = [f"{'round':>6} {'elapsed s':>10} {'inner M':>8} {'best member':>12} {'best loss':>10} {'median':>8} "
              f"{'champion':>9}"]
-    for e, steps in zip(evals, inner_steps_at_evals(records)):
+    if earlier:
+        lines.insert(0, f"held-out set {evals[0].get('heldout_set')} since round {evals[0]['round']}: "
+                        f"{earlier} earlier series on other held-out settings are not shown")
+    for e, steps in zip(evals, steps_at):
         members = sorted(e["members"])
         champion = e.get("champion")  # logs before the champion was evaluated lack it
         lines.append(
@@ -219,9 +234,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"halved its starting loss: {halved}; evaluations above 1.5 x running min + 0.05 after that: "
               f"{result.violations} (worst {result.worst_excess:.2f} x the limit); collapses: {result.collapses}")
     if args.plot:
-        from selfloop.figures import history_figure
+        from selfloop.figures import PlotExtraMissing, history_figure
 
-        history_figure(records, args.plot)
+        try:
+            history_figure(records, args.plot)
+        except PlotExtraMissing as missing:
+            parser.exit(2, f"error: --plot: {missing}\n")
         print(f"figure: {args.plot}")
 
 

@@ -70,7 +70,8 @@ class RunState:
     last_checkpoint_round: int = 0
     inner_steps: int = 0
     elapsed: float = 0.0
-    first_best: float = float("nan")  # best held-out score of the random population
+    first_best: float = float("nan")  # best held-out score of the random population (of this held-out series)
+    heldout_set: str = ""  # which held-out set the members' histories are on ("": a checkpoint from before)
     resumed_from: int | None = None  # round of the checkpoint this session started from
     champion: Any = None  # pbt.Champion: the best snapshot seen (None until the first tournament)
 

@@ -90,6 +90,12 @@ def format_record(record: dict) -> str | None:
         )
     if kind == "progress":
         return f"...   {record['message']}"
+    if kind == "reference":
+        return (f"adam  on the held-out set: best fixed lr {record['adam_best_fixed']:.3f}, per-task tuned "
+                f"{record['adam_tuned']:.3f}")
+    if kind == "heldout_changed":
+        return (f"note  round {record['round']}: eval.* changed on resume, so held-out scores start a new series "
+                f"(set {record['after']}, was {record['before']})")
     if kind == "start":
         resumed = record.get("resumed_from")
         origin = "new population" if resumed is None else f"resumed from round {resumed}"

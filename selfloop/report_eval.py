@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,8 +94,9 @@ def evaluate_lopts(thetas: dict[str, object], lopt_config, specs: tuple[TaskSpec
 
 
 def write_outputs(out_dir: Path, curves: Curves, table: dict, about: dict) -> list[Path]:
-    """results.json (everything), metrics.csv, curves.csv (mean normalized curves), figure2.png."""
-    from selfloop.figures import figure2
+    """results.json (everything), metrics.csv, curves.csv (mean normalized curves) and, where
+    matplotlib is installed, figure2.png; the files written."""
+    from selfloop.figures import PlotExtraMissing, figure2
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(
@@ -113,8 +115,13 @@ def write_outputs(out_dir: Path, curves: Curves, table: dict, about: dict) -> li
         writer.writerow(["step", *names])
         for step, values in enumerate(np.stack([curves.mean_curve(n) for n in names], axis=1)):
             writer.writerow([step, *(f"{v:.5f}" for v in values)])
-    figure2(curves, out_dir / "figure2.png", title=about.get("title", ""))
-    return [out_dir / name for name in ("results.json", "metrics.csv", "curves.csv", "figure2.png")]
+    written = [out_dir / name for name in ("results.json", "metrics.csv", "curves.csv")]
+    try:
+        figure2(curves, out_dir / "figure2.png", title=about.get("title", ""))
+    except PlotExtraMissing as missing:
+        print(f"note: figure2.png skipped; {missing}", file=sys.stderr)
+        return written
+    return written + [out_dir / "figure2.png"]
 
 
 def format_table(table: dict) -> str:

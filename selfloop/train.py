@@ -10,7 +10,9 @@ dispatches and applies outer steps. Everything observable leaves through
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
 import math
 import time
@@ -24,7 +26,7 @@ from selfloop import guard
 from selfloop.checkpoint import prune, write_checkpoint
 from selfloop.config import Config, config_to_dict
 from selfloop.evaluate import EvaluationFailed, adam_reference, evaluate_members
-from selfloop.farm import InProcessFarm, UnitFailure
+from selfloop.farm import InProcessFarm, Interrupted, UnitFailure
 from selfloop.lopt import make_lopt
 from selfloop.pbt import ScoringFailed, tournament
 from selfloop.population import RunState, apply_outer_steps, context_for, init_population, outer_time_limit
@@ -36,6 +38,29 @@ HISTORY_SHOWN = 40  # held-out scores per member repeated in a resume record (th
 NAN_EVAL = {"best": float("nan"), "adam_best_fixed": float("nan"), "adam_tuned": float("nan")}
 
 
+def cut_torn_line(path: Path) -> int:
+    """Cut a last line that a crash left half-written (no newline), so the next
+    record starts on a line of its own; returns the bytes cut."""
+    if not path.exists():
+        return 0
+    with path.open("rb+") as handle:
+        size = handle.seek(0, 2)
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            handle.seek(start)
+            block = handle.read(end - start)
+            if end == size and block.endswith(b"\n"):
+                return 0
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
+            end = start
+        handle.truncate(end)
+        return size - end
+
+
 class EventLog:
     """Append-only JSON lines next to the checkpoints, readable without the code."""
 
@@ -43,6 +68,7 @@ class EventLog:
         self.path, self.report = path, report
         self.last: dict = {"kind": "none"}  # the newest record
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.torn_bytes = cut_torn_line(path)  # reported by the trainer once the session's log is open
 
     def __call__(self, record: dict) -> None:
         record = {"wall_time": time.time(), **record}
@@ -50,6 +76,61 @@ class EventLog:
             handle.write(json.dumps(record, default=_jsonable) + "\n")
         self.last = record
         self.report(record)
+
+    def show(self, record: dict) -> None:
+        """Report ``record`` without keeping it (progress within a phase)."""
+        self.report({"wall_time": time.time(), **record})
+
+
+class Session:
+    """This session's limits: a stop request and the time budget.
+
+    Rounds stop starting at ``max_minutes`` (counted from the session's start,
+    preparation included); any phase still running (preparation, an
+    evaluation, the final one) is cut at the hard limit, a grace of a quarter
+    of the budget (at least 15 s) later, so a run never overstays by more.
+    """
+
+    GRACE_FRACTION, GRACE_MIN_SECONDS = 0.25, 15.0
+
+    def __init__(self, max_minutes: float = 0.0, stop: StopFlag | None = None, started: float | None = None):
+        self.max_minutes, self.stop = max_minutes, stop or StopFlag()
+        self.started = time.time() if started is None else started
+
+    @property
+    def budget_seconds(self) -> float:
+        return 60.0 * self.max_minutes if self.max_minutes > 0 else math.inf
+
+    def out_of_time(self) -> bool:
+        return time.time() - self.started >= self.budget_seconds
+
+    def must_end(self) -> bool:
+        """A stop was requested or the hard limit passed: cut the running phase."""
+        budget = self.budget_seconds
+        grace = max(self.GRACE_FRACTION * budget, self.GRACE_MIN_SECONDS)
+        return self.stop.requested or time.time() - self.started >= budget + grace
+
+    @property
+    def reason(self) -> str:
+        return self.stop.reason or "budget"
+
+
+class PhaseProgress:
+    """A farm's progress callback: passes "<phase>: done/total units, ~N s left"
+    to ``show`` at most every ``every`` seconds."""
+
+    def __init__(self, show: Callable[[str], None], phase: str, every: float = 5.0):
+        self.show, self.phase, self.every = show, phase, every
+        self.started = self.last = time.time()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.time()
+        if now - self.last < self.every or done >= total:
+            return
+        self.last = now
+        left = (now - self.started) / done * (total - done) if done else math.nan
+        eta = f", ~{left:.0f} s left" if math.isfinite(left) else ""
+        self.show(f"{self.phase}: {done}/{total} units{eta}")
 
 
 def _jsonable(value: Any):
@@ -104,15 +185,21 @@ def _scores_record(result, size: int, has_champion: bool) -> dict:
 class Trainer:
     """Holds what a run needs: config, farm, lopt, held-out set and its Adam reference."""
 
-    def __init__(self, config: Config, run_dir: Path, report: Report, farm=None):
+    def __init__(self, config: Config, run_dir: Path, report: Report, farm=None, session: Session | None = None):
         self.config, self.run_dir = config, run_dir
+        self.session = session or Session()
         self.farm = farm if farm is not None else InProcessFarm(config.farm.max_attempts)
+        self.farm.should_stop = self.session.must_end  # every phase on the farm ends when the session must
         self.log = EventLog(run_dir / "events.jsonl", report)
         self.lopt = make_lopt(config.lopt)
         self.context = context_for(config)
         cfg = config.eval
         self.heldout = heldout_tasks(cfg.tasks, config.tasks.families, cfg.seed)
         self.unseen = unseen_family_tasks(cfg.tasks, config.tasks.families, cfg.unseen_families, cfg.seed)
+        # Which held-out tasks and horizon the scores are on: a run resumed with
+        # other eval.* settings starts a new series, never mixed with the old one.
+        described = json.dumps([[s.describe() for s in self.heldout], [s.describe() for s in self.unseen], cfg.steps])
+        self.heldout_set = hashlib.sha256(described.encode()).hexdigest()[:12]
         self.reference = self.unseen_reference = None
         self._unit_seconds: dict[tuple[int, int], float] = {}  # (member, slot) -> last unit's compute time
 
@@ -129,7 +216,10 @@ class Trainer:
         start a new population, checkpointed at once so that a crash from here
         on always has something to resume from."""
         resumed_from = None if found is None else found[0].round
-        self.log({"kind": "start", "config": config_to_dict(self.config),
+        if self.log.torn_bytes:
+            self.log.report({"kind": "progress", "message": f"{self.log.path}: cut a half-written last line "
+                                                            f"({self.log.torn_bytes} bytes) left by a crash"})
+        self.log({"kind": "start", "config": config_to_dict(self.config), "heldout_set": self.heldout_set,
                   "heldout": [s.describe() for s in self.heldout], "unseen": [s.describe() for s in self.unseen],
                   "workers": self.farm.stats.workers,
                   "run_dir": str(self.run_dir), "resumed_from": resumed_from})
@@ -138,26 +228,48 @@ class Trainer:
             self.checkpoint(state, started=time.time())
             return state
         state, path = found
+        if state.heldout_set and state.heldout_set != self.heldout_set:
+            for member in state.members:
+                member.history = []
+            state.first_best = float("nan")
+            self.log({"kind": "heldout_changed", "round": state.round, "before": state.heldout_set,
+                      "after": self.heldout_set})
+        state.heldout_set = self.heldout_set
         self.log({"kind": "resume", "round": state.round, "elapsed": state.elapsed, "path": path.name,
                   "histories": [m.history[-HISTORY_SHOWN:] for m in state.members],
                   "last_event": [m.last_event for m in state.members]})
         return state
 
+    @contextlib.contextmanager
+    def phase(self, message: str):
+        """Log that ``message``'s phase begins and show the farm's progress through it."""
+        self.log({"kind": "progress", "message": message})
+        self.farm.progress = PhaseProgress(lambda text: self.log.show({"kind": "progress", "message": text}),
+                                           message.split(":")[0])
+        try:
+            yield
+        finally:
+            self.farm.progress = None
+
     def prepare(self) -> None:
-        """Compile the training programs on every worker; load or compute the Adam reference."""
-        self.log({"kind": "progress", "message": f"compiling training programs on {self.farm.stats.workers} workers"})
-        chunk = self.config.estimator.chunk
-        self.farm.broadcast(functools.partial(warm_up, self.context, chunk))
+        """Compile the training programs on every worker; load or compute the
+        Adam reference. ``Interrupted`` when the session must end."""
+        with self.phase(f"compiling training programs on {self.farm.stats.workers} workers"):
+            self.farm.broadcast(functools.partial(warm_up, self.context, self.config.estimator.chunk))
         cfg = self.config.eval
-        tasks = len(self.heldout) + len(self.unseen)
-        self.log({"kind": "progress", "message": f"Adam reference: {tasks} held-out tasks x 15 rates"})
-        self.reference = adam_reference(self.heldout, cfg.steps, cfg.chunk, self.farm.map, self.run_dir)
-        if self.unseen:
-            self.unseen_reference = adam_reference(self.unseen, cfg.steps, cfg.chunk, self.farm.map, self.run_dir)
+        with self.phase(f"Adam reference: {len(self.heldout) + len(self.unseen)} held-out tasks x 15 rates"):
+            self.reference = adam_reference(self.heldout, cfg.steps, cfg.chunk, self.farm.map, self.run_dir)
+            if self.unseen:
+                self.unseen_reference = adam_reference(self.unseen, cfg.steps, cfg.chunk, self.farm.map,
+                                                       self.run_dir)
+        fixed, tuned = self.reference.summary
+        self.log({"kind": "reference", "heldout_set": self.heldout_set, "adam_best_fixed": float(np.min(fixed)),
+                  "adam_tuned": float(tuned)})
 
     def new_state(self) -> RunState:
         return RunState(
-            members=init_population(self.config), pbt_rng=np.random.default_rng([self.config.run.seed, 0xB7])
+            members=init_population(self.config), pbt_rng=np.random.default_rng([self.config.run.seed, 0xB7]),
+            heldout_set=self.heldout_set,
         )
 
     def evaluate(self, state: RunState, started: float) -> dict | None:
@@ -168,12 +280,14 @@ class Trainer:
         champion = state.champion
         thetas = [m.theta for m in state.members] + ([champion.theta] if champion is not None else [])
         try:
-            result = evaluate_members(self.farm.map, self.config.lopt, thetas, self.heldout, cfg.steps, cfg.chunk,
-                                      self.reference)
-            unseen = None
-            if self.unseen:
-                unseen = evaluate_members(self.farm.map, self.config.lopt, thetas, self.unseen, cfg.steps, cfg.chunk,
-                                          self.unseen_reference)
+            with self.phase(f"evaluating {len(thetas)} optimizers on {len(self.heldout) + len(self.unseen)} "
+                            f"held-out tasks x {cfg.steps} steps"):
+                result = evaluate_members(self.farm.map, self.config.lopt, thetas, self.heldout, cfg.steps,
+                                          cfg.chunk, self.reference)
+                unseen = None
+                if self.unseen:
+                    unseen = evaluate_members(self.farm.map, self.config.lopt, thetas, self.unseen, cfg.steps,
+                                              cfg.chunk, self.unseen_reference)
         except EvaluationFailed as error:
             self.log({"kind": "eval_failed", "round": state.round, "error": str(error)[-2000:]})
             return None
@@ -181,8 +295,10 @@ class Trainer:
         scores = result.members[:size]
         for member, score in zip(state.members, scores):
             member.history.append(float(score))
+        if math.isnan(state.first_best):  # the series' first evaluation
+            state.first_best = float(scores.min())
         record = {
-            "kind": "eval", "round": state.round, "elapsed": time.time() - started,
+            "kind": "eval", "round": state.round, "elapsed": time.time() - started, "heldout_set": self.heldout_set,
             **_scores_record(result, size, champion is not None),
             "best_member": int(np.argmin(scores)), "members_final": result.members_final[:size],
             "unseen": None if unseen is None else _scores_record(unseen, size, champion is not None),
@@ -290,6 +406,7 @@ class Trainer:
     def checkpoint(self, state: RunState, started: float) -> None:
         """Write a checkpoint now (crash-safe) and log how long it took."""
         write_started = time.time()
+        self.log.show({"kind": "phase", "message": f"writing checkpoint-{state.round:09d}.h5"})  # the screen only
         state.elapsed = state.last_checkpoint_time = write_started - started
         state.last_checkpoint_round = state.round
         path = write_checkpoint(self.run_dir, state, self.config)
@@ -303,36 +420,40 @@ class Trainer:
                 state.last_checkpoint_round, cfg.interval_rounds):
             self.checkpoint(state, started)
 
-    def train(self, state: RunState, max_minutes: float, max_rounds: int, stop: StopFlag | None = None) -> dict:
-        """Run until this session's ``max_minutes``, the run's ``max_rounds`` or a
+    def train(self, state: RunState, max_rounds: int = 0) -> dict:
+        """Run until the session's time budget, the run's ``max_rounds`` or a
         stop request; returns the final eval. Each round ends at a consistent
         state (units absorbed, outer steps applied, PBT done), and only there is
-        a checkpoint written or a stop honoured.
+        a checkpoint written; a phase the session must end in (a stop request,
+        the hard time limit) is cut short and its work dropped, so the state
+        stays the last consistent one, which is then checkpointed.
 
         Run time counts from the first evaluation of the random population and
         continues across resumes; the Adam reference (``prepare``) comes before.
         """
-        stop = stop or StopFlag()
-        session_started = time.time()
-        started = session_started - state.elapsed  # run time = time.time() - started
-        if state.resumed_from is None and state.round == 0:
-            first = self.evaluate(state, started) or NAN_EVAL
-            state.first_best = first["best"]
-            state.last_pbt_time = state.last_eval_time = time.time() - started
-        while not (max_rounds > 0 and state.round >= max_rounds):
-            self.run_round(state, started)
-            self.maybe_pbt(state, started)
-            out_of_time = max_minutes > 0 and time.time() - session_started >= 60.0 * max_minutes
-            if out_of_time or stop.requested or (max_rounds > 0 and state.round >= max_rounds):
-                break
-            # Before the evaluation, which can take long (the paper's: 100 tasks x 10k steps);
-            # an evaluation lost to a crash is simply due again after the resume.
-            self.maybe_checkpoint(state, started)
-            self.maybe_evaluate(state, started)
-        last = self.evaluate(state, started) or NAN_EVAL
+        session = self.session
+        started = time.time() - state.elapsed  # run time = time.time() - started
+        last = NAN_EVAL
+        try:
+            if state.resumed_from is None and state.round == 0:
+                self.evaluate(state, started)
+                state.last_pbt_time = state.last_eval_time = time.time() - started
+            while not (max_rounds > 0 and state.round >= max_rounds):
+                self.run_round(state, started)
+                self.maybe_pbt(state, started)
+                if session.out_of_time() or session.stop.requested or (max_rounds > 0 and state.round >= max_rounds):
+                    break
+                # Before the evaluation, which can take long (the paper's: 100 tasks x 10k steps);
+                # an evaluation lost to a crash is simply due again after the resume.
+                self.maybe_checkpoint(state, started)
+                self.maybe_evaluate(state, started)
+            last = self.evaluate(state, started) or NAN_EVAL
+        except Interrupted:
+            self.log({"kind": "progress", "message": f"{session.reason}: cut the running phase at round "
+                                                     f"{state.round}; keeping the state it started from"})
         self.checkpoint(state, started)
         self.log({"kind": "end", "round": state.round, "elapsed": time.time() - started,
-                  "reason": stop.reason or "budget", "start_best": state.first_best, "end_best": last["best"],
+                  "reason": session.reason, "start_best": state.first_best, "end_best": last["best"],
                   "adam_best_fixed": last["adam_best_fixed"], "adam_tuned": last["adam_tuned"]})
         return last
 

@@ -8,6 +8,7 @@ cache, and only then run the first JAX operation.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
@@ -128,12 +129,29 @@ def _drain_in_background(conn) -> queue.Queue:
     return inbox
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Have the kernel kill this process when the master dies, however it dies
+    (kill -9 included), so no orphan finishes a unit nobody will read (Linux;
+    elsewhere the closed pipe stops the worker after its current unit)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the master died before the request took effect
+        os._exit(1)
+
+
 def worker_main(core: int | None, cache_root: str | None, log_path: str | None, conn) -> None:
     """Serve one pipe: receive (task id, cloudpickled (fn, item)) or None to stop,
     answer (task id, ok, cloudpickled result or traceback, compile seconds so far)."""
     # Ctrl-C in the terminal reaches the whole process group: the master
     # finishes its round and checkpoints, so workers must not die under it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
     prepare_process(core, cache_root, log_path)
     import cloudpickle
 

@@ -22,12 +22,16 @@ from selfloop.checkpoint import (
     RunLock,
     RunLocked,
     check_resumable,
+    checkpoint_problem,
     list_checkpoints,
     load_latest,
+    prune,
     read_checkpoint,
+    write_checkpoint,
 )
 from selfloop.config import ConfigError, config_to_dict
-from selfloop.train import Trainer
+from selfloop.history import latest_series, read_events, summary
+from selfloop.train import Trainer, cut_torn_line
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,16 +62,16 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(smoke_config, 
     straight = Trainer(smoke_config, tmp_path / "straight", report=lambda r: None)
     straight.prepare()
     uninterrupted = straight.new_state()
-    straight.train(uninterrupted, max_minutes=0, max_rounds=7)
+    straight.train(uninterrupted, max_rounds=7)
 
     first = Trainer(smoke_config, tmp_path / "split", report=lambda r: None)
     first.prepare()
-    first.train(first.new_state(), max_minutes=0, max_rounds=3)
+    first.train(first.new_state(), max_rounds=3)
     state, path = load_latest(tmp_path / "split", smoke_config, on_skip=lambda p, e: pytest.fail(e))
     assert path.name == "checkpoint-000000003.h5" and state.resumed_from == 3
     second = Trainer(smoke_config, tmp_path / "split", report=lambda r: None)
     second.prepare()
-    second.train(state, max_minutes=0, max_rounds=7)
+    second.train(state, max_rounds=7)
 
     _assert_same_population(uninterrupted, state)
     assert uninterrupted.pbt_events == state.pbt_events
@@ -146,6 +150,42 @@ def test_a_checkpoint_from_before_step_scales_loads_with_scale_one(smoke_config,
     resumed = read_checkpoint(path, smoke_config)
     assert [m.step_scale for m in resumed.members] == [1.0] * smoke_config.population.size
     assert resumed.champion.step_scale == 1.0
+
+
+def _flip_a_bit(path: Path, dataset: str) -> None:
+    with h5py.File(path, "r+") as handle:
+        data = handle[dataset][()]
+        data.view(np.uint8).reshape(-1)[3] ^= 0x10
+        handle[dataset][...] = data  # the stored checksum is left as it was
+
+
+def test_a_flipped_bit_is_detected_and_resume_falls_back_to_the_newest_good_checkpoint(smoke_config, tmp_path):
+    _checkpointed_rounds(smoke_config, tmp_path, 3)
+    newest = list_checkpoints(tmp_path)[0]
+    _flip_a_bit(newest, "members/001/theta/layer1/w")
+    with pytest.raises(CheckpointError, match="/members/001/theta/layer1/w does not match its checksum"):
+        read_checkpoint(newest, smoke_config)
+    assert "does not match its checksum" in checkpoint_problem(newest)
+    skipped = []
+    state, path = load_latest(tmp_path, smoke_config, on_skip=lambda p, e: skipped.append(p))
+    assert skipped == [newest] and path.name == "checkpoint-000000002.h5" and state.round == 2
+
+
+def test_pruning_never_counts_a_bad_checkpoint_nor_deletes_the_last_good_one(smoke_config, tmp_path):
+    trainer = Trainer(smoke_config, tmp_path, report=lambda r: None)  # keep = 3
+    state = trainer.new_state()
+    trainer.checkpoint(state, time.time())  # round 0: the only good one, after what follows
+    for _ in range(4):
+        trainer.run_round(state, time.time())
+        write_checkpoint(tmp_path, state, smoke_config)
+        _flip_a_bit(list_checkpoints(tmp_path)[0], "members/000/theta/layer0/w")
+    prune(tmp_path, smoke_config.checkpoint.keep)
+    assert [p.name for p in list_checkpoints(tmp_path)][-1] == "checkpoint-000000000.h5"
+    assert checkpoint_problem(list_checkpoints(tmp_path)[-1]) is None
+    for _ in range(3):  # three good ones newer than every bad one: now those go
+        trainer.run_round(state, time.time())
+        trainer.checkpoint(state, time.time())
+    assert [p.name for p in list_checkpoints(tmp_path)] == [f"checkpoint-{r:09d}.h5" for r in (7, 6, 5)]
 
 
 def test_a_tensor_of_the_wrong_shape_names_the_file_and_the_key(smoke_config, tmp_path):
@@ -274,10 +314,41 @@ def test_families_left_out_of_training_are_evaluated_beside_the_heldout_set(smok
     assert len(trainer.unseen) == len(trainer.heldout)  # as many tasks per family as the in-family set
     trainer.prepare()
     state = trainer.begin(None)
-    trainer.train(state, max_minutes=0, max_rounds=2)
+    trainer.train(state, max_rounds=2)
     evals = [r for r in records if r["kind"] == "eval"]
     assert evals and all(len(e["unseen"]["members"]) == config.population.size for e in evals)
     assert all(e["unseen"]["members"] is not e["members"] for e in evals)
     assert np.all(np.isfinite(evals[-1]["unseen"]["members"])) and evals[-1]["unseen"]["adam_tuned"] <= 1.0
     # Held-out sets differ by family, so the two columns are different numbers.
     assert not np.allclose(evals[-1]["unseen"]["members"], evals[-1]["members"])
+
+
+def test_a_torn_last_line_of_the_event_log_is_cut_before_the_next_session_writes(tmp_path):
+    log = tmp_path / "events.jsonl"
+    log.write_text('{"kind": "start"}\n{"kind": "round"}\n{"kind": "ro')
+    assert cut_torn_line(log) == len('{"kind": "ro') and log.read_text().endswith('"round"}\n')
+    assert cut_torn_line(log) == 0 and cut_torn_line(tmp_path / "none.jsonl") == 0
+    log.write_text("no newline at all")
+    assert cut_torn_line(log) == len("no newline at all") and log.read_text() == ""
+
+
+def test_a_resume_with_another_heldout_set_starts_a_new_labelled_series(smoke_config, tmp_path):
+    first = Trainer(smoke_config, tmp_path, report=lambda r: None)
+    first.prepare()
+    first.train(first.begin(None), max_rounds=2)
+    with open(tmp_path / "events.jsonl", "a") as handle:
+        handle.write('{"kind": "rou')  # a crash mid-write
+    other = dataclasses.replace(smoke_config, eval=dataclasses.replace(smoke_config.eval, tasks=4))
+    second = Trainer(other, tmp_path, report=lambda r: None)
+    state = second.begin(load_latest(tmp_path, other, on_skip=lambda p, e: None))
+    assert all(m.history == [] for m in state.members) and state.heldout_set == second.heldout_set
+    second.prepare()
+    second.train(state, max_rounds=4)
+    lines = (tmp_path / "events.jsonl").read_text().splitlines()
+    assert [json.loads(line)["kind"] for line in lines].count("start") == 2  # the torn line was cut, not glued
+    records = read_events(tmp_path / "events.jsonl")
+    changed = [r for r in records if r["kind"] == "heldout_changed"]
+    assert len(changed) == 1 and changed[0]["before"] == first.heldout_set != second.heldout_set
+    evals, _, earlier = latest_series(records)
+    assert earlier == 1 and {e["heldout_set"] for e in evals} == {second.heldout_set}
+    assert evals[0]["round"] >= 2 and "1 earlier series" in summary(records)

@@ -8,15 +8,44 @@ from pathlib import Path
 
 import pytest
 
-from selfloop.config import ConfigError, config_from_dict, config_to_dict, load_config
+from selfloop.config import (
+    ADDED_KEYS,
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    saved_config_from_dict,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("name", ["default", "paper", "smoke"])
+@pytest.mark.parametrize("name", ["paper", "smoke"])
 def test_shipped_configs_load(name):
     config = load_config(REPO / "configs" / f"{name}.toml")
     assert config_from_dict(config_to_dict(config)) == config
+
+
+def test_the_defaults_are_one_valid_config_and_a_file_changes_only_what_it_says(tmp_path):
+    defaults = load_config(None)
+    assert defaults == Config() and config_from_dict(config_to_dict(defaults)) == defaults
+    path = tmp_path / "partial.toml"
+    path.write_text("[estimator]\npairs = 6\n")
+    partial = config_to_dict(load_config(path))
+    expected = config_to_dict(defaults)
+    expected["estimator"]["pairs"] = 6
+    assert partial == expected  # not the paper's sizes, not anything else
+
+
+def test_a_saved_config_without_later_keys_means_what_it_meant_then():
+    saved = config_to_dict(Config())
+    for dotted in ADDED_KEYS:
+        section, key = dotted.split(".")
+        del saved[section][key]
+    config = saved_config_from_dict(saved, "old.h5", ("run.max_minutes=5",))
+    assert config.lopt.features == "per_tensor" and config.lopt.odd is False
+    assert config.pbt.step_scale_factor == 1.0 and config.run.max_minutes == 5.0
 
 
 def test_paper_config_has_the_papers_sizes():
@@ -37,6 +66,11 @@ def test_paper_config_has_the_papers_sizes():
         ({"population": {"truncations": [200, 0]}}, "population.truncations: expected a non-empty list of positive"),
         ({"estimator": {"kind": "adam"}}, "estimator.kind: expected one of ['es', 'pes']"),
         ({"pbt": {"p_outer_redraw": 1.5}}, "pbt.p_outer_redraw: expected a probability"),
+        ({"estimator": {"std": float("inf")}}, "estimator.std: expected a finite positive number"),
+        ({"run": {"max_minutes": float("nan")}}, "run.max_minutes: expected a finite number >= 0"),
+        ({"run": {"dashboard": "fancy"}}, "run.dashboard: expected one of ['auto', 'live', 'plain']"),
+        ({"run": {"checkpoint_dir": " "}}, "run.checkpoint_dir: expected a non-empty string"),
+        ({"pbt": {"step_scale_factor": 0.5}}, "pbt.step_scale_factor: expected a finite number >= 1"),
         ({"tasks": {"families": ["quadratic", "imagenet"]}}, "tasks.families: expected a non-empty list drawn from"),
         ({"bogus": {}}, "unknown section [bogus]"),
         ({"lopt": {"features": "adam"}}, "lopt.features: expected one of ['per_tensor', 'relative']"),

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -11,7 +16,7 @@ from rich.console import Console
 from selfloop.config import load_config
 from selfloop.dashboard import DashboardState, apply, render, sparkline
 from selfloop.report import PlainReporter
-from selfloop.train import Trainer
+from selfloop.train import Trainer, _jsonable
 from tests.conftest import REPO
 
 
@@ -23,7 +28,7 @@ def records(tmp_path_factory):
     trainer = Trainer(config, tmp_path_factory.mktemp("run"), report=collected.append)
     state = trainer.begin(None)
     trainer.prepare()
-    trainer.train(state, max_minutes=0, max_rounds=6)
+    trainer.train(state, max_rounds=6)
     return collected
 
 
@@ -100,3 +105,49 @@ def test_clocks_advance_between_records(records):
     console.print(later)
     hours, rest = divmod(int(state.elapsed) + 3725, 3600)
     assert f"run time {hours}:{rest // 60:02d}:{rest % 60:02d}" in console.export_text()
+
+
+def _ten_member_state(records, phase: str) -> DashboardState:
+    """The smoke run's records on a population of 10, in the middle of ``phase``."""
+    state = DashboardState()
+    for record in records:
+        apply(state, record, now=100.0)
+    state.ensure_members(10)
+    apply(state, {"kind": "progress", "message": phase}, now=100.0)
+    return state
+
+
+@pytest.mark.parametrize("width,height", [(80, 24), (200, 50)])
+def test_every_member_row_and_the_current_phase_fit_the_terminal(records, width, height):
+    state = _ten_member_state(records, "evaluating 11 optimizers on 90 held-out tasks x 300 steps")
+    console = Console(file=io.StringIO(), width=width, height=height, record=True, color_system=None)
+    console.print(render(state, now=100.0, width=width, height=height))
+    lines = console.export_text().splitlines()
+    assert len(lines) <= height and max(len(line) for line in lines) <= width
+    for i in range(10):
+        assert any(line.lstrip("│ ").startswith(f"m{i} ") for line in lines), f"no row for m{i}"
+    assert any("now: evaluating 11 optimizers" in line for line in lines)
+    assert any("held-out best" in line for line in lines)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+@pytest.mark.parametrize("width,height", [(80, 24), (200, 50)])
+def test_the_watched_dashboard_in_a_tmux_pane(records, tmp_path, width, height):
+    events = tmp_path / "events.jsonl"
+    events.write_text("".join(json.dumps(r, default=_jsonable) + "\n" for r in records))
+    session = f"selfloop-test-{width}x{height}-{os.getpid()}"
+    command = f"{sys.executable} -m selfloop.dashboard {events} --seconds 20"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", str(width), "-y", str(height), command],
+                   check=True, cwd=REPO)  # fmt: skip
+    try:
+        deadline, pane = time.monotonic() + 15, ""
+        while time.monotonic() < deadline and "progress and health" not in pane:
+            time.sleep(0.5)
+            pane = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
+                                  text=True).stdout  # fmt: skip
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    lines = pane.splitlines()
+    for i in range(4):
+        assert any(line.lstrip("│ ").startswith(f"m{i} ") for line in lines), pane
+    assert "now: finished" in pane and "selfloop · smoke" in pane

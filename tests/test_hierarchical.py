@@ -14,7 +14,7 @@ from selfloop.lopt.hierarchical import DECAYS, LSTM_INPUTS, MLP_INPUTS, POOLED, 
 from selfloop.tasks.base import TaskSpec
 from selfloop.unroll import learning_curves
 
-CONFIG = LOptConfig(arch="hierarchical")
+CONFIG = LOptConfig(arch="hierarchical", features="per_tensor", odd=False)
 
 
 def _lopt():

@@ -12,6 +12,8 @@ from selfloop.lopt import make_lopt
 from selfloop.lopt.base import normalize_per_tensor
 from selfloop.lopt.mlp import DECAYS, NUM_INPUTS, TIMESCALES, MLPLOptConfig, init_theta, time_features, update
 
+PER_TENSOR = LOptConfig(features="per_tensor", odd=False)  # the original lopt (shipped default.h5)
+
 
 def test_feature_normalization_matches_formula():
     x = np.array([[1.0, -2.0], [3.0, 0.5], [0.0, 4.0]], np.float32)  # 3 weights, 2 channels
@@ -49,7 +51,7 @@ def test_step_is_step_mult_d_exp_m():
     theta["layer2"]["b"] = jnp.array([d, m])
     params = {"w": jnp.array([1.0, -2.0, 3.0])}
     grads = {"w": jnp.array([0.1, 0.2, -0.3])}
-    state = make_lopt(LOptConfig()).init_state(params)
+    state = make_lopt(PER_TENSOR).init_state(params)
     new_params, new_state = update(config, theta, params, grads, state)
     np.testing.assert_allclose(new_params["w"], params["w"] - 1e-3 * d * np.exp(1e-3 * m), rtol=1e-6)
     expected_momenta = (1.0 - np.array(DECAYS))[None, :] * np.asarray(grads["w"])[:, None]
@@ -60,7 +62,7 @@ def test_step_is_step_mult_d_exp_m():
 
 @pytest.mark.parametrize("shape", [(), (3,), (4, 5), (2, 3, 4), (2, 2, 3, 3)])
 def test_shapes_and_state_for_ranks_0_to_4(shape):
-    lopt = make_lopt(LOptConfig())
+    lopt = make_lopt(PER_TENSOR)
     theta = lopt.init_theta(jax.random.PRNGKey(1))
     params = {"t": jnp.ones(shape)}
     state = lopt.init_state(params)
@@ -72,7 +74,7 @@ def test_shapes_and_state_for_ranks_0_to_4(shape):
 
 @pytest.mark.parametrize("magnitude", [0.0, 1e-30, 1e30, np.inf, np.nan])
 def test_update_finite_for_extreme_gradients(magnitude):
-    lopt = make_lopt(LOptConfig())
+    lopt = make_lopt(PER_TENSOR)
     theta = lopt.init_theta(jax.random.PRNGKey(2))
     params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)}
     grads = {"w": jnp.full((3, 4), magnitude, jnp.float32)}
@@ -81,7 +83,7 @@ def test_update_finite_for_extreme_gradients(magnitude):
 
 
 def test_second_update_does_not_recompile():
-    lopt = make_lopt(LOptConfig())
+    lopt = make_lopt(PER_TENSOR)
     step = jax.jit(lopt.update)
     theta = lopt.init_theta(jax.random.PRNGKey(3))
     params = {"w": jnp.ones((4, 4))}
@@ -93,7 +95,7 @@ def test_second_update_does_not_recompile():
 
 def test_same_update_trains_a_task_and_another_lopt():
     """An outer optimizer is the same code path: θ_j is just another pytree."""
-    lopt = make_lopt(LOptConfig())
+    lopt = make_lopt(PER_TENSOR)
     outer = lopt.init_theta(jax.random.PRNGKey(4))
     inner_theta = lopt.init_theta(jax.random.PRNGKey(5))
     grads = jax.tree_util.tree_map(jnp.ones_like, inner_theta)
@@ -141,7 +143,7 @@ def test_odd_lopt_takes_no_step_without_gradient():
     assert all(np.all(np.asarray(x) == 0.0) for x in jax.tree_util.tree_leaves(step))
     assert int(state.step) == 1
     # Without the symmetry the same weights do move: the MLP's biases and the weight channel.
-    step, _ = _step(LOptConfig(features="relative"), zeros, params)
+    step, _ = _step(LOptConfig(features="relative", odd=False), zeros, params)
     assert any(np.any(np.asarray(x) != 0.0) for x in jax.tree_util.tree_leaves(step))
 
 

@@ -121,7 +121,7 @@ def test_a_collapsed_pair_copies_the_champion_and_a_better_winner_replaces_it(sm
     # function, so scaled weights need not explode: they may scale steps to 0.
     config = dataclasses.replace(
         smoke_config, pbt=dataclasses.replace(smoke_config.pbt, p_outer_redraw=0.0, p_truncation_redraw=0.0),
-        lopt=LOptConfig(),
+        lopt=LOptConfig(features="per_tensor", odd=False),
     )
     members = init_population(config)
     champion = crown(members[0], 0, round_index=3)
