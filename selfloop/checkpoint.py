@@ -70,6 +70,7 @@ FROZEN_KEYS = (
     "lopt.lstm_hidden",
     "lopt.features",
     "lopt.odd",
+    "lopt.step_mult",
     "estimator.kind",
     "estimator.pairs",
 )

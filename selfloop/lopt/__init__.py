@@ -10,7 +10,8 @@ from selfloop.lopt.mlp import MLPLOptConfig, make_mlp_lopt
 
 # Architecture name (the config's ``lopt.arch``) -> factory from the lopt config.
 LOPT_ARCHITECTURES = {
-    "mlp": lambda cfg: make_mlp_lopt(MLPLOptConfig(hidden=cfg.hidden, features=cfg.features, odd=cfg.odd)),
+    "mlp": lambda cfg: make_mlp_lopt(MLPLOptConfig(hidden=cfg.hidden, step_mult=cfg.step_mult, features=cfg.features,
+                                                   odd=cfg.odd)),
     "hierarchical": lambda cfg: make_hierarchical_lopt(
         HierarchicalConfig(lstm_hidden=cfg.lstm_hidden, mlp_hidden=cfg.hidden)
     ),
