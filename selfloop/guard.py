@@ -2,7 +2,7 @@
 
 Self-training has a failure mode of its own: strong optimizers take strong
 steps on each other's weights too, and a member that diverges drags down every
-member it trains (DESIGN §1; measured here: a default run that had reached
+member it trains (measured here: a default run that had reached
 0.26 held-out loss collapsed to 1.3-1.5 in every member about 14 minutes in).
 
 Each member keeps an exponential moving average of its *training* meta-loss

@@ -3,7 +3,7 @@
 Every member trains each of E held-out tasks for T steps (farm units, one per
 task, all members batched); Adam at the paper's 15 fixed learning rates runs
 on the very same tasks, initializations and data (cached on disk per task set
-and T). Curves are TaskSet-normalized per task (DESIGN §4) and averaged over
+and T). Curves are TaskSet-normalized per task (Metz et al. 2020) and averaged over
 tasks. For each member and baseline:
 
 - ``mean``: the mean of its normalized curve (over steps and tasks);

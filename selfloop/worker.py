@@ -1,6 +1,6 @@
 """Worker-process bootstrap. Imports no JAX at module level, on purpose.
 
-Measured on jax 0.10 (DESIGN §5): thread limits through XLA_FLAGS do not hold,
+Measured on jax 0.10: thread limits through XLA_FLAGS do not hold,
 and pinning after JAX started has no effect. What works: set the environment,
 ``os.sched_setaffinity(0, {core})``, configure the persistent compilation
 cache, and only then run the first JAX operation.
@@ -68,7 +68,7 @@ def configure_jax(cache_root: str | None) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
         # Several processes (and nodes) share the directory: keep only the
-        # executable cache, whose entries are written whole (DESIGN §5).
+        # executable cache, whose entries are written whole.
         jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
 
 

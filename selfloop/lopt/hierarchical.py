@@ -1,7 +1,7 @@
 """Hierarchical learned optimizer: a per-tensor LSTM feeding a per-parameter MLP.
 
 The paper's architecture (Metz et al. 2020, "Tasks, stability, architecture,
-and compute", §3; DESIGN §2), on the same pure ``init_theta`` / ``init_state``
+and compute", §3), on the same pure ``init_theta`` / ``init_state``
 / ``update`` interface as the MLP lopt, so it trains tasks and, as an outer
 optimizer, other members' weights through the same code path.
 

@@ -1,6 +1,6 @@
 """Loss normalization, so that tasks with wildly different loss scales average.
 
-``normalize_curve`` is TaskSet's normalization (Metz et al. 2020, DESIGN §4),
+``normalize_curve`` is TaskSet's normalization (Metz et al. 2020),
 used for every reported number: ℓ̃ = clip((ℓ − ℓ_best)/(ℓ_init − ℓ_best), 0, 1.5),
 NaN/Inf -> 1.5, with ℓ_best the best loss any Adam learning rate reached.
 
