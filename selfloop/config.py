@@ -127,7 +127,7 @@ class LOptConfig:
     # LSTM feeding a per-parameter MLP (selfloop/lopt/hierarchical.py).
     arch: str = one_of(("mlp", "hierarchical"), "mlp")
     hidden: int = positive(32)  # per-parameter MLP width (both architectures)
-    # mlp only: the step is step_mult * d * exp(exp_mult * m) for MLP outputs
+    # The step is step_mult * d * exp(exp_mult * m) for MLP outputs
     # d, m of order one at random initialization. Steps as long as a good
     # Adam's (about 0.03 per weight on the training tasks) need d of about
     # step_mult / 0.03, which the outer optimizers reach only by growing the
@@ -281,11 +281,9 @@ class Config:
         if trained:
             raise ConfigError(f"eval.unseen_families: {trained} also in tasks.families; a held-out family must be "
                               "left out of training")
-        if self.lopt.arch != "mlp" and (self.lopt.features != "per_tensor" or self.lopt.odd
-                                        or self.lopt.step_mult != 1e-3):
-            raise ConfigError(f"lopt.features / lopt.odd / lopt.step_mult: only the mlp architecture has them; "
-                              f"with lopt.arch = {self.lopt.arch!r} also set lopt.features = 'per_tensor' and "
-                              "lopt.odd = false")
+        if self.lopt.arch != "mlp" and (self.lopt.features != "per_tensor" or self.lopt.odd):
+            raise ConfigError(f"lopt.features / lopt.odd: only the mlp architecture has them; with lopt.arch = "
+                              f"{self.lopt.arch!r} also set lopt.features = 'per_tensor' and lopt.odd = false")
         if self.farm.engine == "dask" and not self.farm.scheduler:
             raise ConfigError("farm.scheduler: the dask engine needs an address such as tcp://HOST:8786")
 

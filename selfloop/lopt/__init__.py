@@ -13,7 +13,7 @@ LOPT_ARCHITECTURES = {
     "mlp": lambda cfg: make_mlp_lopt(MLPLOptConfig(hidden=cfg.hidden, step_mult=cfg.step_mult, features=cfg.features,
                                                    odd=cfg.odd)),
     "hierarchical": lambda cfg: make_hierarchical_lopt(
-        HierarchicalConfig(lstm_hidden=cfg.lstm_hidden, mlp_hidden=cfg.hidden)
+        HierarchicalConfig(lstm_hidden=cfg.lstm_hidden, mlp_hidden=cfg.hidden, step_mult=cfg.step_mult)
     ),
 }
 
