@@ -18,10 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from selfloop.history import ablation_table, read_events, within
 
-from selfloop.history import ablation_table, read_events, within  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 # Each mechanism's switch (README "What a run does", BENCHMARKS.md "Keeping the gains").
 ABLATIONS: dict[str, tuple[str, ...]] = {

@@ -10,18 +10,14 @@ then writes and reads it ``--repeats`` times, interleaved across configs.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from selfloop.checkpoint import read_checkpoint, write_checkpoint  # noqa: E402
-from selfloop.config import load_config  # noqa: E402
-from selfloop.population import RunState, init_population  # noqa: E402
+from selfloop.checkpoint import read_checkpoint, write_checkpoint
+from selfloop.config import load_config
+from selfloop.population import RunState, init_population
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -19,21 +19,19 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from selfloop.checkpoint import list_checkpoints, read_checkpoint
+from selfloop.config import load_config
+from selfloop.farm import LocalFarm
+from selfloop.train import Trainer
+from selfloop.worker import configure_jax
 
-from selfloop.checkpoint import list_checkpoints, read_checkpoint  # noqa: E402
-from selfloop.config import load_config  # noqa: E402
-from selfloop.farm import LocalFarm  # noqa: E402
-from selfloop.train import Trainer  # noqa: E402
-from selfloop.worker import configure_jax  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def snapshot(run_dir: Path, config):

@@ -24,15 +24,14 @@ from types import SimpleNamespace
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from selfloop.checkpoint import CheckpointError, list_checkpoints, read_checkpoint
+from selfloop.config import load_config
+from selfloop.farm import LocalFarm
+from selfloop.pbt import task_scores, tournament_tasks
+from selfloop.tasks.sampler import heldout_tasks
+from selfloop.worker import configure_jax
 
-from selfloop.checkpoint import CheckpointError, list_checkpoints, read_checkpoint  # noqa: E402
-from selfloop.config import load_config  # noqa: E402
-from selfloop.farm import LocalFarm  # noqa: E402
-from selfloop.pbt import task_scores, tournament_tasks  # noqa: E402
-from selfloop.tasks.sampler import heldout_tasks  # noqa: E402
-from selfloop.worker import configure_jax  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 STREAM = 0xA11  # fresh training tasks of this bench, disjoint from any run's tournaments
 

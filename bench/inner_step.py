@@ -12,20 +12,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from selfloop.baselines import ADAM  # noqa: E402
-from selfloop.config import LOptConfig  # noqa: E402
-from selfloop.estimators import as_inner_optimizer  # noqa: E402
-from selfloop.lopt import make_lopt  # noqa: E402
-from selfloop.tasks.base import TaskSpec  # noqa: E402
-from selfloop.unroll import broadcast_batch, task_program  # noqa: E402
+from selfloop.baselines import ADAM
+from selfloop.config import LOptConfig
+from selfloop.estimators import as_inner_optimizer
+from selfloop.lopt import make_lopt
+from selfloop.tasks.base import TaskSpec
+from selfloop.unroll import broadcast_batch, task_program
 
 # Three sizes from the task distribution: 10, 1,218 and 2,410 weights.
 TASKS = (

@@ -24,19 +24,17 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from selfloop.config import load_config
+from selfloop.farm import QUEUE_DEPTH, LocalFarm
+from selfloop.train import Trainer
+from selfloop.work import warm_up
+from selfloop.worker import configure_jax
 
-from selfloop.config import load_config  # noqa: E402
-from selfloop.farm import QUEUE_DEPTH, LocalFarm  # noqa: E402
-from selfloop.train import Trainer  # noqa: E402
-from selfloop.work import warm_up  # noqa: E402
-from selfloop.worker import configure_jax  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def timed_rounds(trainer: Trainer, rounds: int, warmup: int) -> float:

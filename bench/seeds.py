@@ -18,10 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from selfloop.history import read_events
 
-from selfloop.history import read_events  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def launch(label: str, extra: list[str], seeds: int, first_core: int, args) -> list[tuple[str, int, subprocess.Popen]]:
