@@ -127,13 +127,15 @@ class LOptConfig:
     # LSTM feeding a per-parameter MLP (selfloop/lopt/hierarchical.py).
     arch: str = one_of(("mlp", "hierarchical"), "mlp")
     hidden: int = positive(32)  # per-parameter MLP width (both architectures)
-    # The step is step_mult * d * exp(exp_mult * m) for MLP outputs
-    # d, m of order one at random initialization. Steps as long as a good
-    # Adam's (about 0.03 per weight on the training tasks) need d of about
-    # step_mult / 0.03, which the outer optimizers reach only by growing the
+    # The step is step_mult * d * exp(exp_mult * m) for MLP outputs d, m of
+    # order one at random initialization. Steps as long as a good Adam's
+    # (about 0.03 per weight on the training tasks) need d of about
+    # 0.03 / step_mult, which the outer optimizers reach only by growing the
     # MLP's output weights that many times over, a few tenths of a percent of
-    # ‖θ‖ per outer step.
-    step_mult: float = positive(1e-3)
+    # ‖θ‖ per outer step: at 1e-3 (learned_optimization's value, and the
+    # paper's architecture's) the population stalled as an optimizer more
+    # timid than a good Adam.
+    step_mult: float = positive(1e-2)
     lstm_hidden: int = positive(64)  # hierarchical only: the per-tensor LSTM's width
     # mlp only (selfloop/lopt/mlp.py): "per_tensor" normalizes g and every
     # momentum on its own; "relative" measures them against one running
@@ -171,7 +173,10 @@ class PBTConfig:
     # within seconds of noisy outer steps, and later copies recover it.
     interval_seconds: float = non_negative(1.0)
     tasks: int = positive(4)  # E, fresh training-distribution tasks per tournament
-    steps: int = positive(150)
+    # As long as the held-out evaluation's horizon: shorter tournaments crown
+    # optimizers that start fast and lose by step 300, and the population
+    # follows its champion.
+    steps: int = positive(300)
     chunk: int = positive(50)
     p_outer_redraw: float = probability(0.5)
     p_truncation_redraw: float = probability(0.1)
