@@ -109,7 +109,8 @@ def test_theta_changes_only_through_the_outer_lopt(smoke_config, tmp_path):
         theta, outer_state, outer_index = snapshot[i]
         expected, _ = update(snapshot[outer_index][0], theta, mean_gradient(gradients[i]), outer_state)
         for a, b in zip(jax.tree_util.tree_leaves(member.theta), jax.tree_util.tree_leaves(expected)):
-            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+            # Up to float32 rounding of θ + (θ' - θ), which the outer step computes.
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_outer_time_stops_at_the_inner_horizon_when_clamped(smoke_config):
