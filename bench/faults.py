@@ -153,14 +153,15 @@ def soak(work: Path, kills: int, seed: int) -> None:
         newest = int(list_checkpoints(run_dir)[0].stem.split("-")[1]) if list_checkpoints(run_dir) else 0
         lost.append((max(rounds) if rounds else 0) - newest)
         phase = before[-1]["kind"] if before else "start"
-        print(f"kill {kill + 1}: after {len(rounds)} rounds logged in this session, last record {phase!r}; "
+        print(f"kill {kill + 1}: newest round logged {max(rounds, default=0)}, last record {phase!r}; "
               f"newest checkpoint round {newest}", flush=True)
     final = subprocess.run(run_py(*args, "--max-rounds", "1"), cwd=REPO, capture_output=True, text=True)
+    raw = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    resumed = sum(r["kind"] == "resume" for r in raw)  # every session's, kept or undone by a later crash
     records = read_events(run_dir / "events.jsonl")
-    resumed = sum(r["kind"] == "resume" for r in records)
     timeline = [r["round"] for r in records if r["kind"] == "round"]
     continuous = all(b == a + 1 for a, b in zip(timeline, timeline[1:]))
-    print(f"\n{kills} kill -9: {resumed} resumes logged (every restart after the first checkpoint resumes); "
+    print(f"\n{kills} kill -9: {resumed} of {kills} restarts resumed from a checkpoint; "
           f"rounds lost per kill: max {max(lost)}, at most a checkpoint interval (3) plus the round in progress: "
           f"{max(lost) <= 4}; surviving timeline continuous: {continuous}; final resume exit {final.returncode}")
 
