@@ -151,3 +151,27 @@ def test_the_watched_dashboard_in_a_tmux_pane(records, tmp_path, width, height):
     for i in range(4):
         assert any(line.lstrip("│ ").startswith(f"m{i} ") for line in lines), pane
     assert "now: finished" in pane and "selfloop · smoke" in pane
+
+
+def test_numbers_stay_true_after_copies_and_resumes(records):
+    state = DashboardState()
+    for record in records:
+        apply(state, record, now=100.0)
+    pbt = next(r for r in records if r["kind"] == "pbt")
+    apply(state, {**pbt, "round": 99}, now=100.0)  # a copy after the last evaluation
+    loser = next(line for line in _screen(state).splitlines() if line.lstrip("│ ").startswith(f"m{pbt['loser']} "))
+    assert "*" in loser  # its latest score belongs to the weights it just lost
+    resumed = DashboardState()
+    apply(resumed, next(r for r in records if r["kind"] == "start"), now=100.0)
+    resume = {"kind": "resume", "round": 6, "elapsed": 42.0, "path": "checkpoint-000000006.h5",
+              "histories": [[0.9, 0.5], [0.7, 0.4], [0.8], []], "last_event": ["init"] * 4}  # fmt: skip
+    apply(resumed, resume, now=100.0)
+    apply(resumed, {"kind": "reference", "adam_best_fixed": 0.216, "adam_tuned": 0.156}, now=100.0)
+    screen = _screen(resumed)
+    assert "m1 0.400 vs Adam best fixed lr 0.216" in screen and "per-task tuned 0.156" in screen
+    later = render(resumed, now=100.0 + 600)  # preparing for 10 minutes: not run time
+    console = Console(file=io.StringIO(), width=120, record=True, color_system=None)
+    console.print(later)
+    assert "run time 0:42" in console.export_text()
+    state.pbt_interval = (1.0, 0)  # the default cadence: a countdown would read 0:00 throughout
+    assert f"PBT every 1 s ({state.pbt_events:,} tournaments)" in _screen(state)
