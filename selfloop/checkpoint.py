@@ -340,8 +340,9 @@ def _scalar(value: Any) -> Any:
     return value
 
 
-def _added_fields(group: h5py.Group) -> dict[str, Any]:
-    return {name: _scalar(group.attrs.get(name, default)) for name, default in ADDED_FIELDS.items()}
+def _added_fields(group: h5py.Group, fields: dict[str, Any] = ADDED_FIELDS) -> dict[str, Any]:
+    """``fields`` (added later) as ``group`` holds them, or as a group from before them implies."""
+    return {name: _scalar(group.attrs.get(name, default)) for name, default in fields.items()}
 
 
 def _read_member(group: h5py.Group, templates: Templates, where: str) -> Member:
@@ -434,8 +435,7 @@ def read_checkpoint(path: Path, config: Config) -> RunState:
             check_resumable(json.loads(_scalar(handle.attrs["config_json"])), config, where)
             controller = handle["controller"]
             values = {name: _scalar(controller.attrs[name]) for name in CONTROLLER_FIELDS}
-            values |= {name: _scalar(controller.attrs.get(name, default))
-                       for name, default in ADDED_CONTROLLER_FIELDS.items()}
+            values |= _added_fields(controller, ADDED_CONTROLLER_FIELDS)
             rng = np.random.default_rng()
             rng.bit_generator.state = json.loads(_scalar(controller.attrs["pbt_rng_state_json"]))
             templates = Templates.of(config)

@@ -215,14 +215,13 @@ def _stop_on_signals():
 def _farm_progress(farm, label: str):
     """Show the farm's progress through one command's long phase: a rich bar
     on a terminal, a line every few seconds otherwise."""
+    from selfloop.farm import reporting_progress
     from selfloop.train import PhaseProgress
 
     if not sys.stderr.isatty():
-        farm.progress = PhaseProgress(lambda text: print(f"...   {text}", file=sys.stderr, flush=True), label)
-        try:
+        with reporting_progress(farm, PhaseProgress(lambda text: print(f"...   {text}", file=sys.stderr,
+                                                                       flush=True), label)):
             yield
-        finally:
-            farm.progress = None
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -230,11 +229,8 @@ def _farm_progress(farm, label: str):
     columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(label, total=None)
-        farm.progress = lambda done, total: bar.update(task, completed=done, total=total)
-        try:
+        with reporting_progress(farm, lambda done, total: bar.update(task, completed=done, total=total)):
             yield
-        finally:
-            farm.progress = None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,10 +312,7 @@ def _train(args: argparse.Namespace, config, run_dir: Path) -> int:
                 trainer.prepare()
             except Interrupted:  # nothing trained yet: the checkpoint begin() found or wrote stands
                 interrupted = True
-                trainer.log({"kind": "end", "round": state.round, "elapsed": state.elapsed,
-                             "reason": f"{session.reason} while preparing", "start_best": state.first_best,
-                             "end_best": float("nan"), "adam_best_fixed": float("nan"),
-                             "adam_tuned": float("nan")})
+                trainer.end(state, state.elapsed, f"{session.reason} while preparing")
             else:
                 trainer.train(state, config.run.max_rounds)
         if live:  # the screen is gone: leave the outcome in the terminal

@@ -22,6 +22,7 @@ wedge a shared queue.
 from __future__ import annotations
 
 import collections
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -46,6 +47,16 @@ def never() -> bool:
 
 
 Progress = Callable[[int, int], None]  # (units done, units in the call): a long phase shows it
+
+
+@contextlib.contextmanager
+def reporting_progress(farm, progress: Progress):
+    """``farm``'s map and broadcast call ``progress`` while this block runs."""
+    farm.progress = progress
+    try:
+        yield
+    finally:
+        farm.progress = None
 
 
 class FarmUnavailable(RuntimeError):

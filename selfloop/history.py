@@ -95,9 +95,9 @@ def latest_series(records: list[dict]) -> tuple[list[dict], list[int], int]:
     evals = [r for r in records if r["kind"] == "eval"]
     steps = inner_steps_at_evals(records)
     sets = [e.get("heldout_set") for e in evals]  # older logs: None throughout
-    first = next((i for i in range(len(sets) - 1, 0, -1) if sets[i] != sets[i - 1]), 0)
-    earlier = sum(1 for i in range(1, len(sets)) if sets[i] != sets[i - 1])
-    return evals[first:], steps[first:], earlier
+    changes = [i for i in range(1, len(sets)) if sets[i] != sets[i - 1]]
+    first = changes[-1] if changes else 0
+    return evals[first:], steps[first:], len(changes)
 
 
 def summary(records: list[dict]) -> str:

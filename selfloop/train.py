@@ -26,7 +26,7 @@ from selfloop import guard
 from selfloop.checkpoint import prune, write_checkpoint
 from selfloop.config import Config, config_to_dict
 from selfloop.evaluate import EvaluationFailed, adam_reference, evaluate_members
-from selfloop.farm import InProcessFarm, Interrupted, UnitFailure
+from selfloop.farm import InProcessFarm, Interrupted, UnitFailure, reporting_progress
 from selfloop.lopt import make_lopt
 from selfloop.pbt import ScoringFailed, tournament
 from selfloop.population import RunState, apply_outer_steps, context_for, init_population, outer_time_limit
@@ -244,12 +244,9 @@ class Trainer:
     def phase(self, message: str):
         """Log that ``message``'s phase begins and show the farm's progress through it."""
         self.log({"kind": "progress", "message": message})
-        self.farm.progress = PhaseProgress(lambda text: self.log.show({"kind": "progress", "message": text}),
-                                           message.split(":")[0])
-        try:
+        shown = PhaseProgress(lambda text: self.log.show({"kind": "progress", "message": text}), message.split(":")[0])
+        with reporting_progress(self.farm, shown):
             yield
-        finally:
-            self.farm.progress = None
 
     def prepare(self) -> None:
         """Compile the training programs on every worker; load or compute the
@@ -369,7 +366,7 @@ class Trainer:
             "meta_loss_ema": [m.guard.ema for m in state.members],
             "shortened": int(sum(bool(s.shortened) for s in steps.values())),
             "step_scale": [m.step_scale for m in state.members],
-            # ‖Δθ‖/‖θ‖ as the outer optimizers proposed it (times the step scale), before the step rail.
+            # ‖Δθ‖/‖θ‖ as the outer optimizers proposed it, before the step rail and the step scale.
             "step_ratio": float(np.median([float(s.step_ratio) for s in steps.values()])) if steps else None,
             "replaced_tasks": int(sum(r.replaced for r in results)),
             "failed_units": len(state.members) * self.config.population.tasks_per_member - len(results),
@@ -452,10 +449,14 @@ class Trainer:
             self.log({"kind": "progress", "message": f"{session.reason}: cut the running phase at round "
                                                      f"{state.round}; keeping the state it started from"})
         self.checkpoint(state, started)
-        self.log({"kind": "end", "round": state.round, "elapsed": time.time() - started,
-                  "reason": session.reason, "start_best": state.first_best, "end_best": last["best"],
-                  "adam_best_fixed": last["adam_best_fixed"], "adam_tuned": last["adam_tuned"]})
+        self.end(state, time.time() - started, session.reason, last)
         return last
+
+    def end(self, state: RunState, elapsed: float, reason: str, last: dict = NAN_EVAL) -> None:
+        """Log the session's end: why, and the best held-out loss at its start and at ``last``."""
+        self.log({"kind": "end", "round": state.round, "elapsed": elapsed, "reason": reason,
+                  "start_best": state.first_best, "end_best": last["best"],
+                  "adam_best_fixed": last["adam_best_fixed"], "adam_tuned": last["adam_tuned"]})
 
 
 class StopFlag:
