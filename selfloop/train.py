@@ -453,10 +453,21 @@ class Trainer:
         return last
 
     def end(self, state: RunState, elapsed: float, reason: str, last: dict = NAN_EVAL) -> None:
-        """Log the session's end: why, and the best held-out loss at its start and at ``last``."""
+        """Log the session's end: why, and the best held-out loss at its start and at ``last`` (a
+        session cut before its final evaluation reports its members' newest scores)."""
+        if math.isnan(last["best"]):
+            last = self._newest_scores(state)
         self.log({"kind": "end", "round": state.round, "elapsed": elapsed, "reason": reason,
                   "start_best": state.first_best, "end_best": last["best"],
                   "adam_best_fixed": last["adam_best_fixed"], "adam_tuned": last["adam_tuned"]})
+
+    def _newest_scores(self, state: RunState) -> dict:
+        """The members' newest held-out scores beside Adam's (NaN where there are none yet)."""
+        newest = [m.history[-1] for m in state.members if m.history]
+        if not newest or self.reference is None:
+            return NAN_EVAL
+        fixed, tuned = self.reference.summary
+        return {"best": min(newest), "adam_best_fixed": float(np.min(fixed)), "adam_tuned": tuned}
 
 
 class StopFlag:

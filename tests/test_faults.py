@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from selfloop.checkpoint import list_checkpoints, read_checkpoint, saved_config
 from selfloop.farm import WORKER_MEMORY_BYTES, usable_workers
+from selfloop.store.checkpoint import list_checkpoints, read_checkpoint, saved_config
 
 REPO = Path(__file__).resolve().parent.parent
 # The smoke loop on real worker processes, with held-out work long enough that
@@ -110,6 +110,10 @@ def test_one_ctrl_c_in_any_phase_stops_within_5_s_keeping_the_last_checkpoint(tm
     records = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert records[-1]["kind"] == "end" and records[-1]["reason"].startswith("SIGINT")
     assert records[-1]["round"] == state.round
+    evaluations = [r for r in records if r["kind"] == "eval"]
+    if evaluations:  # cut after an evaluation: the end line reports it, not NaN
+        assert records[-1]["end_best"] == evaluations[-1]["best"]
+        assert records[-1]["adam_best_fixed"] == evaluations[-1]["adam_best_fixed"]
 
 
 @pytest.mark.slow
