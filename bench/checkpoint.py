@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from selfloop.checkpoint import read_checkpoint, write_checkpoint
 from selfloop.config import load_config
 from selfloop.population import RunState, init_population
+from selfloop.store.checkpoint import read_checkpoint, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 

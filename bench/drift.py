@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from selfloop.checkpoint import list_checkpoints, read_checkpoint
 from selfloop.config import load_config
 from selfloop.farm import LocalFarm
+from selfloop.store.checkpoint import list_checkpoints, read_checkpoint
 from selfloop.train import Trainer
 from selfloop.worker import configure_jax
 

@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from selfloop.checkpoint import list_checkpoints
 from selfloop.history import read_events
+from selfloop.store.checkpoint import list_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_LOCAL = ("--config", "configs/smoke.toml", "--set", "farm.engine='local'", "--workers", "1",

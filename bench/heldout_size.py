@@ -24,10 +24,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from selfloop.checkpoint import CheckpointError, list_checkpoints, read_checkpoint
 from selfloop.config import load_config
 from selfloop.farm import LocalFarm
 from selfloop.pbt import task_scores, tournament_tasks
+from selfloop.store.checkpoint import CheckpointError, list_checkpoints, read_checkpoint
 from selfloop.tasks.sampler import heldout_tasks
 from selfloop.worker import configure_jax
 

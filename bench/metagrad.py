@@ -37,11 +37,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from selfloop.checkpoint import list_checkpoints, read_checkpoint, saved_config
 from selfloop.estimators import estimate_gradient, needs_reset, new_slot
 from selfloop.farm import LocalFarm
 from selfloop.lopt import make_lopt
 from selfloop.population import context_for
+from selfloop.store.checkpoint import list_checkpoints, read_checkpoint, saved_config
 from selfloop.work import slot_task
 
 

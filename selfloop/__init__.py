@@ -13,9 +13,9 @@ def load_optimizer(path=None):
     ``path``: a file written by ``python run.py export``; default: the one
     shipped with the package (selfloop/pretrained/default.h5).
     """
-    from selfloop import export
+    from selfloop.store import optimizer
 
-    return export.load_optimizer(export.PRETRAINED / "default.h5" if path is None else path)
+    return optimizer.load_optimizer(optimizer.PRETRAINED / "default.h5" if path is None else path)
 
 
 __all__ = ["load_optimizer"]

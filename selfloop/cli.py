@@ -10,10 +10,10 @@ import os
 import shutil
 import signal
 import sys
-import time
 from pathlib import Path
 
 from selfloop.config import ALL_FAMILIES, Config, ConfigError, load_config
+from selfloop.store.rundir import RunDir
 
 # Command-line options that set a config key (every subcommand reads the ones it has).
 OPTION_KEYS = (
@@ -74,7 +74,7 @@ def resolve_config(args: argparse.Namespace, fresh: bool = False) -> Config:
     overrides = _overrides(args)
     config = load_config(args.config, overrides)
     if args.config is None and not fresh:
-        from selfloop.checkpoint import run_config
+        from selfloop.store.checkpoint import run_config
 
         return run_config(Path(config.run.checkpoint_dir), overrides) or config
     return config
@@ -84,7 +84,7 @@ def _set_aside(run_dir: Path, names: list[Path]) -> Path | None:
     """Move a previous run's files into ``run_dir/previous-<time>/``; nothing is deleted."""
     if not names:
         return None
-    target = run_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    target = RunDir(run_dir).previous()
     target.mkdir()
     for path in names:
         shutil.move(path, target / path.name)
@@ -92,9 +92,9 @@ def _set_aside(run_dir: Path, names: list[Path]) -> Path | None:
 
 
 def _previous_run(run_dir: Path) -> list[Path]:
-    from selfloop.checkpoint import list_checkpoints
+    from selfloop.store.checkpoint import list_checkpoints
 
-    events = run_dir / "events.jsonl"
+    events = RunDir(run_dir).events
     return list_checkpoints(run_dir) + ([events] if events.exists() else [])
 
 
@@ -146,9 +146,9 @@ def eval_main(argv: list[str]) -> int:
     from selfloop.worker import configure_jax
 
     configure_jax(config.farm.compile_cache or None)
-    from selfloop.checkpoint import load_latest
     from selfloop.farm import Interrupted, make_farm
     from selfloop.report_eval import evaluate_lopts, format_table, write_outputs
+    from selfloop.store.checkpoint import load_latest
     from selfloop.tasks.sampler import heldout_tasks
 
     run_dir = Path(config.run.checkpoint_dir)
@@ -162,7 +162,7 @@ def eval_main(argv: list[str]) -> int:
         return 2
     specs = heldout_tasks(cfg.tasks, families, cfg.seed + 1)
     if args.optimizer:
-        from selfloop.export import load_theta
+        from selfloop.store.optimizer import load_theta
 
         loaded = {path.stem: load_theta(path) for path in args.optimizer}
         if len({lopt for lopt, _ in loaded.values()}) != 1:
@@ -178,7 +178,7 @@ def eval_main(argv: list[str]) -> int:
         state, path = found
         lopt_config, source, label = config.lopt, str(path), f"r{state.round}"
         thetas = {f"m{i}": m.theta for i, m in enumerate(state.members)}
-    out = args.out or run_dir / f"eval-{label}-E{cfg.tasks}-T{cfg.steps}"
+    out = args.out or RunDir(run_dir).evaluation(label, cfg.tasks, cfg.steps)
     print(f"evaluating {len(thetas)} learned optimizers of {source} on {cfg.tasks} held-out tasks x {cfg.steps} "
           f"steps, with Adam at 15 rates on the same tasks (cached in {run_dir})", flush=True)
     farm = make_farm(config.farm, run_dir)
@@ -237,9 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     """Dispatch to a subcommand; bad input (a config key, a run directory, a
     member, an optimizer file, an unreachable farm) exits 2 with one line that
     names it."""
-    from selfloop.checkpoint import CheckpointError
-    from selfloop.export import OptimizerFileError
     from selfloop.farm import FarmUnavailable
+    from selfloop.store.checkpoint import CheckpointError
+    from selfloop.store.optimizer import OptimizerFileError
 
     argv = sys.argv[1:] if argv is None else argv
     commands = {"export": export_main, "eval": eval_main}
@@ -256,7 +256,7 @@ def train_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     config = resolve_config(args, fresh=args.fresh)  # fails before anything is written
 
-    from selfloop.checkpoint import RunLock, RunLocked, usable_run_dir
+    from selfloop.store.rundir import RunLock, RunLocked, usable_run_dir
 
     run_dir = usable_run_dir(Path(config.run.checkpoint_dir))
     try:
@@ -275,10 +275,10 @@ def _train(args: argparse.Namespace, config, run_dir: Path) -> int:
 
     configure_jax(config.farm.compile_cache or None)  # the master compiles outer steps
 
-    from selfloop.checkpoint import load_latest
     from selfloop.dashboard import LiveDashboard
     from selfloop.farm import Interrupted, make_farm, usable_workers
     from selfloop.report import PlainReporter, format_record
+    from selfloop.store.checkpoint import load_latest
     from selfloop.train import Session, Trainer
 
     notes: list[dict] = []

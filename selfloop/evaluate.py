@@ -17,6 +17,7 @@ import numpy as np
 
 from selfloop.config import LOptConfig
 from selfloop.curves import CurveUnit, run_curve_unit, stack_thetas
+from selfloop.store.rundir import RunDir
 from selfloop.tasks.base import TaskSpec
 from selfloop.tasks.normalize import normalize_curve
 from selfloop.unroll import learning_curves
@@ -80,7 +81,7 @@ def adam_reference(
     """Adam at every rate on every task; loaded from ``cache_dir`` when computed before."""
     from selfloop.baselines import ADAM_LEARNING_RATES
 
-    path = cache_dir / f"adam_reference_{_reference_key(specs, steps)}.npz" if cache_dir else None
+    path = RunDir(cache_dir).adam_reference(_reference_key(specs, steps)) if cache_dir else None
     if path is not None and path.exists():
         stored = np.load(path)
         return AdamReference(tuple(stored["learning_rates"]), tuple(stored[f"task{i}"] for i in range(len(specs))))

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 
+from selfloop.store.rundir import RunDir
 from selfloop.worker import compile_seconds, prepare_process, to_host, worker_main
 
 
@@ -374,7 +375,7 @@ def make_farm(config, run_dir: Path):
         return InProcessFarm(config.max_attempts)
     if config.engine == "dask":
         return DaskFarm(config.scheduler, cache, config.max_attempts, config.connect_seconds)
-    farm = LocalFarm(usable_workers(config.workers)[0], cache, run_dir / "workers", config.max_attempts)
+    farm = LocalFarm(usable_workers(config.workers)[0], cache, RunDir(run_dir).workers, config.max_attempts)
     farm.wait_ready()
     return farm
 

@@ -23,13 +23,14 @@ from typing import Any
 import numpy as np
 
 from selfloop import guard
-from selfloop.checkpoint import prune, write_checkpoint
 from selfloop.config import Config, config_to_dict
 from selfloop.evaluate import EvaluationFailed, adam_reference, evaluate_members
 from selfloop.farm import InProcessFarm, Interrupted, UnitFailure, reporting_progress
 from selfloop.lopt import make_lopt
 from selfloop.pbt import ScoringFailed, tournament
 from selfloop.population import RunState, apply_outer_steps, context_for, init_population, outer_time_limit
+from selfloop.store.checkpoint import prune, write_checkpoint
+from selfloop.store.rundir import RunDir
 from selfloop.tasks.sampler import heldout_tasks, unseen_family_tasks
 from selfloop.work import UnitResult, WorkUnit, run_unit, warm_up
 
@@ -190,7 +191,7 @@ class Trainer:
         self.session = session or Session()
         self.farm = farm if farm is not None else InProcessFarm(config.farm.max_attempts)
         self.farm.should_stop = self.session.must_end  # every phase on the farm ends when the session must
-        self.log = EventLog(run_dir / "events.jsonl", report)
+        self.log = EventLog(RunDir(run_dir).events, report)
         self.lopt = make_lopt(config.lopt)
         self.context = context_for(config)
         cfg = config.eval

@@ -17,10 +17,10 @@ import jax
 import numpy as np
 import pytest
 
-from selfloop.checkpoint import (
+from selfloop.config import ConfigError, config_to_dict
+from selfloop.history import latest_series, read_events, summary
+from selfloop.store.checkpoint import (
     CheckpointError,
-    RunLock,
-    RunLocked,
     check_resumable,
     checkpoint_problem,
     list_checkpoints,
@@ -29,8 +29,7 @@ from selfloop.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
-from selfloop.config import ConfigError, config_to_dict
-from selfloop.history import latest_series, read_events, summary
+from selfloop.store.rundir import RunLock, RunLocked
 from selfloop.train import Trainer, cut_torn_line
 
 REPO = Path(__file__).resolve().parent.parent
@@ -290,10 +289,10 @@ def test_reading_a_checkpoint_before_any_training_leaves_no_tracer_behind(smoke_
     which built and cached a task program inside the trace, its dataset a tracer;
     the first real unit after a resume in a fresh process then failed with
     UnexpectedTracerError. A lopt no other test builds keys a program of its own."""
-    from selfloop.checkpoint import Templates
     from selfloop.estimators import new_slot
     from selfloop.lopt import make_lopt
     from selfloop.population import context_for
+    from selfloop.store.checkpoint import Templates
     from selfloop.tasks.sampler import sample_training_task
 
     config = dataclasses.replace(smoke_config, lopt=dataclasses.replace(smoke_config.lopt, hidden=7))

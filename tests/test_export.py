@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import jax
@@ -12,8 +14,9 @@ import pytest
 
 import selfloop
 from selfloop.config import ConfigError
-from selfloop.export import PRETRAINED, choose_member, export_member, load_theta
+from selfloop.export import choose_member, export_member
 from selfloop.pbt import crown
+from selfloop.store.optimizer import PRETRAINED, load_theta
 from selfloop.train import Trainer
 
 
@@ -45,6 +48,21 @@ def _train_linear_regression(optimizer: optax.GradientTransformation, steps: int
 def test_the_shipped_optimizer_trains_a_model_in_a_plain_optax_loop():
     first, last = _train_linear_regression(selfloop.load_optimizer())
     assert np.isfinite(last) and last < 0.1 * first
+
+
+@pytest.mark.skipif(not (PRETRAINED / "default.h5").exists(), reason="no shipped optimizer in this checkout")
+def test_loading_an_optimizer_imports_nothing_of_the_self_training_loop():
+    # A user who only trains a model with a shipped optimizer needs the lopt
+    # and the h5 tree store, not the population, PBT, estimators or the farm.
+    code = (
+        "import sys, selfloop; selfloop.load_optimizer(); "
+        "print(' '.join(m for m in sys.modules if m.startswith('selfloop')))"
+    )
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = set(imported.split())
+    assert "selfloop.store.optimizer" in loaded and "selfloop.lopt" in loaded
+    loop = {"pbt", "population", "estimators", "guard", "train", "farm", "worker", "work", "unroll"}
+    assert not {m for m in loaded if set(m.split(".")[1:2]) & loop or m == "selfloop.store.checkpoint"}
 
 
 def test_export_round_trips_the_members_weights(smoke_config, tmp_path):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
+
+import jax
 
 from selfloop.lopt.base import LearnedOptimizer
 from selfloop.lopt.hierarchical import HierarchicalConfig, make_hierarchical_lopt
@@ -28,4 +31,12 @@ def make_lopt(lopt_config) -> LearnedOptimizer:
     return LOPT_ARCHITECTURES[lopt_config.arch](lopt_config)
 
 
-__all__ = ["LOPT_ARCHITECTURES", "LearnedOptimizer", "make_lopt"]
+def shapes(lopt_config) -> tuple[Any, Any]:
+    """(θ, the per-weight state it keeps for θ) as shapes and dtypes, computing nothing:
+    what stored weights are checked against."""
+    lopt = make_lopt(lopt_config)
+    theta = jax.eval_shape(lopt.init_theta, jax.random.PRNGKey(0))
+    return theta, jax.eval_shape(lopt.init_state, theta)
+
+
+__all__ = ["LOPT_ARCHITECTURES", "LearnedOptimizer", "make_lopt", "shapes"]

@@ -1,4 +1,4 @@
-"""h5py checkpoints of a whole run, written crash-safe, and the run-directory lock.
+"""h5py checkpoints of a whole run, written crash-safe.
 
 A checkpoint holds everything the master needs to continue, so the master may
 be killed at any moment and restarted on any node that sees the directory:
@@ -30,14 +30,9 @@ the structure the config implies, so a mismatch names the file and the key.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
-import re
-import socket
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -52,14 +47,15 @@ from selfloop.config import ADDED_KEYS, Config, ConfigError, config_to_dict, sav
 from selfloop.estimators import new_slot
 from selfloop.guard import GuardState
 from selfloop.lopt import make_lopt
+from selfloop.lopt import shapes as lopt_shapes
 from selfloop.pbt import Champion
 from selfloop.population import Member, RunState, Slot, context_for
+from selfloop.store.h5tree import StoredDataError, read_dataset, read_tree, scalar, write_dataset, write_tree
+from selfloop.store.rundir import RunDir
 from selfloop.tasks.base import TaskSpec
 
 FORMAT = "selfloop-checkpoint"
 FORMAT_VERSION = 1
-CHECKSUM = "crc32"  # dataset attribute: CRC-32 of the data's bytes
-NAME = re.compile(r"^checkpoint-(\d{9})\.h5$")
 # Settings that shape what a checkpoint holds; a resume may not change them.
 FROZEN_KEYS = (
     "run.seed",
@@ -97,12 +93,8 @@ MEMBER_FIELDS = ("outer_index", "truncation", "steps", "last_exploit_step", "met
 ADDED_FIELDS = {"step_scale": 1.0}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(StoredDataError):
     """A checkpoint that cannot be used; the message names the file and the key."""
-
-
-class RunLocked(RuntimeError):
-    """Another live master holds the run directory."""
 
 
 def versions() -> dict[str, str]:
@@ -116,83 +108,12 @@ def versions() -> dict[str, str]:
             "numpy": np.__version__, "h5py": h5py.__version__}
 
 
-# --- pytrees <-> groups of datasets ------------------------------------------------------------
-
-
-def _key_name(key: Any) -> str:
-    for attribute in ("key", "name", "idx"):
-        if hasattr(key, attribute):
-            return str(getattr(key, attribute))
-    raise TypeError(f"unsupported pytree key {key!r}")
-
-
-def tree_paths(tree: Any) -> list[tuple[str, Any]]:
-    """(dataset name, leaf) for every leaf: the pytree path joined by '/'."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return [("/".join(_key_name(k) for k in path) or "value", leaf) for path, leaf in leaves]
-
-
-def _crc32(data: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(data).tobytes())
-
-
-def write_dataset(group: h5py.Group, name: str, data: Any) -> h5py.Dataset:
-    """A dataset with the CRC-32 of its bytes, which every read verifies."""
-    data = np.asarray(data)
-    dataset = group.create_dataset(name, data=data)
-    dataset.attrs[CHECKSUM] = _crc32(data)
-    return dataset
-
-
-def read_dataset(dataset: h5py.Dataset, where: str) -> np.ndarray:
-    """The dataset's data; CheckpointError if it does not match its checksum
-    (datasets written before checksums have none to check)."""
-    data = dataset[()]
-    if CHECKSUM in dataset.attrs and int(dataset.attrs[CHECKSUM]) != _crc32(data):
-        raise CheckpointError(f"{where}: {dataset.name} does not match its checksum (the file is corrupt)")
-    return data
-
-
-def write_tree(group: h5py.Group, name: str, tree: Any, description: str) -> None:
-    sub = group.create_group(name)
-    sub.attrs["description"] = description
-    for path, leaf in tree_paths(tree):
-        write_dataset(sub, path, leaf)
-
-
-def read_tree(group: h5py.Group, name: str, template: Any, where: str) -> Any:
-    """Leaves of ``template``'s structure, read from ``group/name``; shapes and dtypes checked."""
-    if name not in group:
-        raise CheckpointError(f"{where}: missing group {group.name}/{name}")
-    sub = group[name]
-    leaves = []
-    for path, expected in tree_paths(template):
-        key = f"{sub.name}/{path}"
-        if path not in sub:
-            raise CheckpointError(f"{where}: missing dataset {key}")
-        data = read_dataset(sub[path], where)
-        if data.shape != tuple(expected.shape) or data.dtype != np.dtype(expected.dtype):
-            raise CheckpointError(
-                f"{where}: {key} holds {data.dtype}{list(data.shape)}, "
-                f"expected {np.dtype(expected.dtype)}{list(expected.shape)}"
-            )
-        leaves.append(np.asarray(data))
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
-
-
 # --- writing -----------------------------------------------------------------------------------
-
-
-def checkpoint_path(run_dir: Path, round_index: int) -> Path:
-    return run_dir / f"checkpoint-{round_index:09d}.h5"
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoint files in ``run_dir``, newest (highest round) first."""
-    if not run_dir.is_dir():
-        return []
-    found = [p for p in run_dir.iterdir() if NAME.match(p.name)]
-    return sorted(found, key=lambda p: p.name, reverse=True)
+    return RunDir(run_dir).checkpoints()
 
 
 def _write_member(group: h5py.Group, member: Member) -> None:
@@ -230,8 +151,8 @@ def _write_champion(group: h5py.Group, champion: Champion) -> None:
 
 def write_checkpoint(run_dir: Path, state: RunState, config: Config) -> Path:
     """Write ``state`` crash-safe as ``checkpoint-<round>.h5``; returns its path."""
-    final = checkpoint_path(run_dir, state.round)
-    temporary = run_dir / f".{final.name}.{os.getpid()}.tmp"
+    final = RunDir(run_dir).checkpoint(state.round)
+    temporary = RunDir(run_dir).checkpoint_being_written(state.round)
     # locking=False: HDF5's own file locks fail on NFS/Lustre; RunLock guards the directory.
     with h5py.File(temporary, "w", locking=False) as handle:
         handle.attrs["format"], handle.attrs["format_version"] = FORMAT, FORMAT_VERSION
@@ -279,12 +200,12 @@ def checkpoint_problem(path: Path) -> str | None:
         if isinstance(item, h5py.Dataset) and not problems:
             try:
                 read_dataset(item, str(path))
-            except CheckpointError as error:
+            except StoredDataError as error:
                 problems.append(str(error))
 
     try:
         with h5py.File(path, "r", locking=False) as handle:
-            if _scalar(handle.attrs.get("format", "")) != FORMAT:
+            if scalar(handle.attrs.get("format", "")) != FORMAT:
                 return f"{path}: not a selfloop checkpoint"
             handle.visititems(check)
     except (OSError, KeyError, ValueError) as error:
@@ -304,7 +225,7 @@ def prune(run_dir: Path, keep: int) -> None:
             path.unlink(missing_ok=True)
         elif checkpoint_problem(path) is None:
             good += 1
-    for stale in run_dir.glob(".checkpoint-*.tmp"):
+    for stale in RunDir(run_dir).stale_checkpoints_being_written():
         stale.unlink(missing_ok=True)
 
 
@@ -321,9 +242,7 @@ class Templates:
 
     @staticmethod
     def of(config: Config) -> Templates:
-        lopt = make_lopt(config.lopt)
-        theta = jax.eval_shape(lopt.init_theta, jax.random.PRNGKey(0))
-        return Templates(theta, jax.eval_shape(lopt.init_state, theta), config)
+        return Templates(*lopt_shapes(config.lopt), config)
 
     def slot_state(self, spec: TaskSpec) -> Any:
         context = context_for(self.config)
@@ -331,22 +250,13 @@ class Templates:
         return jax.eval_shape(lambda th: new_slot(lopt, spec, th, self.config.estimator, context.horizon), self.theta)
 
 
-def _scalar(value: Any) -> Any:
-    """h5py attribute -> plain Python value."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def _added_fields(group: h5py.Group, fields: dict[str, Any] = ADDED_FIELDS) -> dict[str, Any]:
     """``fields`` (added later) as ``group`` holds them, or as a group from before them implies."""
-    return {name: _scalar(group.attrs.get(name, default)) for name, default in fields.items()}
+    return {name: scalar(group.attrs.get(name, default)) for name, default in fields.items()}
 
 
 def _read_member(group: h5py.Group, templates: Templates, where: str) -> Member:
-    attrs = {name: _scalar(group.attrs[name]) for name in MEMBER_FIELDS} | _added_fields(group)
+    attrs = {name: scalar(group.attrs[name]) for name in MEMBER_FIELDS} | _added_fields(group)
     guard_group = group["guard"]
     guard = GuardState(ema=float(guard_group.attrs["ema"]), best_ema=float(guard_group.attrs["best_ema"]),
                        rollbacks=int(guard_group.attrs["rollbacks"]))
@@ -359,9 +269,9 @@ def _read_member(group: h5py.Group, templates: Templates, where: str) -> Member:
         if str(s) not in slot_groups:
             raise CheckpointError(f"{where}: missing group {slot_groups.name}/{s}")
         sg = slot_groups[str(s)]
-        names = [_scalar(n) for n in sg.attrs["dynamic_names"]]
+        names = [scalar(n) for n in sg.attrs["dynamic_names"]]
         values = [float(v) for v in sg.attrs["dynamic_values"]]
-        spec = TaskSpec(_scalar(sg.attrs["family"]), int(sg.attrs["bucket"]), int(sg.attrs["seed"]),
+        spec = TaskSpec(scalar(sg.attrs["family"]), int(sg.attrs["bucket"]), int(sg.attrs["seed"]),
                         tuple(zip(names, values)))
         slots.append(Slot(spec, read_tree(sg, "state", templates.slot_state(spec), where)))
     return Member(
@@ -393,7 +303,7 @@ def saved_config(path: Path, overrides: tuple[str, ...] = ()) -> Config:
     """The config a checkpoint's run was made with, ``overrides`` applied."""
     try:
         with h5py.File(path, "r", locking=False) as handle:
-            raw = json.loads(_scalar(handle.attrs["config_json"]))
+            raw = json.loads(scalar(handle.attrs["config_json"]))
     except (OSError, KeyError, ValueError) as error:
         raise CheckpointError(f"{path}: unreadable ({error})") from None
     return saved_config_from_dict(raw, str(path), overrides)
@@ -411,33 +321,19 @@ def run_config(run_dir: Path, overrides: tuple[str, ...] = ()) -> Config | None:
     return None
 
 
-def usable_run_dir(run_dir: Path) -> Path:
-    """``run_dir``, created if need be; ConfigError naming run.checkpoint_dir if
-    it cannot hold a run (a file, not creatable, not writable)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run.checkpoint_dir: {run_dir} is a file, not a directory")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(f"run.checkpoint_dir: cannot create {run_dir} ({error.strerror or error})") from None
-    if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise ConfigError(f"run.checkpoint_dir: {run_dir} is not writable")
-    return run_dir
-
-
 def read_checkpoint(path: Path, config: Config) -> RunState:
     """The run state saved in ``path``, checked against ``config``."""
     where = str(path)
     try:
         with h5py.File(path, "r", locking=False) as handle:
-            if _scalar(handle.attrs.get("format", "")) != FORMAT:
+            if scalar(handle.attrs.get("format", "")) != FORMAT:
                 raise CheckpointError(f"{where}: not a selfloop checkpoint (attribute 'format' is missing)")
-            check_resumable(json.loads(_scalar(handle.attrs["config_json"])), config, where)
+            check_resumable(json.loads(scalar(handle.attrs["config_json"])), config, where)
             controller = handle["controller"]
-            values = {name: _scalar(controller.attrs[name]) for name in CONTROLLER_FIELDS}
+            values = {name: scalar(controller.attrs[name]) for name in CONTROLLER_FIELDS}
             values |= _added_fields(controller, ADDED_CONTROLLER_FIELDS)
             rng = np.random.default_rng()
-            rng.bit_generator.state = json.loads(_scalar(controller.attrs["pbt_rng_state_json"]))
+            rng.bit_generator.state = json.loads(scalar(controller.attrs["pbt_rng_state_json"]))
             templates = Templates.of(config)
             members_group = handle["members"]
             members = []
@@ -455,6 +351,8 @@ def read_checkpoint(path: Path, config: Config) -> RunState:
                 )
     except (OSError, KeyError) as error:
         raise CheckpointError(f"{where}: unreadable ({error})") from None
+    except StoredDataError as error:  # a tree's dataset missing, misshapen or corrupt
+        raise CheckpointError(str(error)) from None
     return RunState(members=members, pbt_rng=rng, resumed_from=values["round"], champion=champion, **values)
 
 
@@ -470,49 +368,3 @@ def load_latest(run_dir: Path, config: Config, on_skip: Callable[[Path, str], No
         except CheckpointError as error:
             on_skip(path, str(error))
     return None
-
-
-# --- lock ----------------------------------------------------------------------------------------
-
-
-class RunLock:
-    """An exclusive ``flock`` on ``run_dir/lock`` for the master's lifetime.
-
-    The kernel drops the lock when the process dies, however it dies, so a
-    stale lock file never blocks a restart; the file records who holds it so a
-    refused master can name the other process.
-    """
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / "lock"
-        self.handle = None
-
-    def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")  # noqa: SIM115 (held open until release)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "an unknown process"
-            handle.close()
-            raise RunLocked(f"{self.path.parent} is in use by another master: {holder}") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        handle.flush()
-        self.handle = handle
-        return self
-
-    def release(self) -> None:
-        if self.handle is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self.handle, fcntl.LOCK_UN)
-            self.handle.close()
-            self.handle = None
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
