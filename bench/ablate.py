@@ -18,7 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from selfloop.history import ablation_table, read_events, within
+from selfloop.events import read_events
+from selfloop.history import ablation_table, within
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from selfloop.history import inner_steps_at_evals, rail_use, read_events
+from selfloop.events import read_events
+from selfloop.history import inner_steps_at_evals, rail_use
 from selfloop.store.checkpoint import list_checkpoints
 
 RUN_PY = Path(__file__).resolve().parent.parent / "run.py"

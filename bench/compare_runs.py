@@ -17,7 +17,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-from selfloop.history import inner_steps_at_evals, rail_use, read_events
+from selfloop.events import read_events
+from selfloop.history import inner_steps_at_evals, rail_use
 
 
 def best_within(records: list[dict], minutes: float | None = None, inner_millions: float | None = None) -> float:

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from selfloop.history import read_events
+from selfloop.events import read_events
 from selfloop.store.checkpoint import list_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent

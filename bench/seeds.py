@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from selfloop.history import read_events
+from selfloop.events import read_events
 
 REPO = Path(__file__).resolve().parent.parent
 

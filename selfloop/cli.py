@@ -203,7 +203,7 @@ def eval_main(argv: list[str]) -> int:
 
 def _stop_on_signals():
     """A StopFlag that SIGINT and SIGTERM set (a second one exits at once)."""
-    from selfloop.train import StopFlag
+    from selfloop.session import StopFlag
 
     stop = StopFlag()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -216,7 +216,7 @@ def _farm_progress(farm, label: str):
     """Show the farm's progress through one command's long phase: a rich bar
     on a terminal, a line every few seconds otherwise."""
     from selfloop.farm import reporting_progress
-    from selfloop.train import PhaseProgress
+    from selfloop.session import PhaseProgress
 
     if not sys.stderr.isatty():
         with reporting_progress(farm, PhaseProgress(lambda text: print(f"...   {text}", file=sys.stderr,
@@ -278,8 +278,9 @@ def _train(args: argparse.Namespace, config, run_dir: Path) -> int:
     from selfloop.dashboard import LiveDashboard
     from selfloop.farm import Interrupted, make_farm, usable_workers
     from selfloop.report import PlainReporter, format_record
+    from selfloop.session import Session
     from selfloop.store.checkpoint import load_latest
-    from selfloop.train import Session, Trainer
+    from selfloop.train import Trainer
 
     notes: list[dict] = []
     if args.fresh and (moved := _set_aside(run_dir, _previous_run(run_dir))):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from selfloop.config import Config, ConfigError, config_to_dict
-from selfloop.population import RunState
+from selfloop.state import RunState
 from selfloop.store.checkpoint import load_latest
 from selfloop.store.optimizer import write_optimizer
 

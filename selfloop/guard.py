@@ -20,19 +20,10 @@ rule: it only ever restores weights that learned optimizers produced.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from selfloop.config import GuardConfig
-
-
-@dataclass
-class GuardState:
-    ema: float = math.nan  # smoothed training meta-loss
-    best_ema: float = math.inf
-    best_theta: Any = None  # θ when best_ema was reached
-    best_outer_state: Any = None
-    rollbacks: int = 0
+from selfloop.state import GuardState, Member, Snapshot, adopt
 
 
 def observe(guard: GuardState, meta_loss: float, theta: Any, outer_state: Any, config: GuardConfig) -> bool:
@@ -53,3 +44,14 @@ def observe(guard: GuardState, meta_loss: float, theta: Any, outer_state: Any, c
 def healthiest(guards: list[GuardState]) -> int:
     """Index of the member with the lowest current smoothed meta-loss."""
     return min(range(len(guards)), key=lambda i: guards[i].ema if math.isfinite(guards[i].ema) else math.inf)
+
+
+def roll_back(member: Member, outer_index: int) -> None:
+    """Restore ``member`` from its guard's snapshot, trained from now on by
+    member ``outer_index``. Each snapshot serves once: the member must earn a
+    new best before it is guarded again, so a snapshot that only looked good
+    cannot trap it."""
+    guard = member.guard
+    best = Snapshot(guard.best_theta, guard.best_outer_state, outer_index, member.truncation, member.steps,
+                    member.step_scale)  # fmt: skip
+    adopt(member, best, GuardState(rollbacks=guard.rollbacks + 1))

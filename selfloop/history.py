@@ -7,47 +7,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from selfloop.baselines import ADAM_LEARNING_RATES
-
-
-def read_events(path: str | Path) -> list[dict]:
-    """The records of a run's event log that its resumed timeline kept, in order
-    (a torn last line is skipped; see ``surviving``)."""
-    records = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            print(f"{path}:{number}: skipping an unreadable line", file=sys.stderr)
-    return surviving(records)
-
-
-def surviving(records: list[dict]) -> list[dict]:
-    """Drop what a crash undid. A session killed after its last checkpoint logged
-    rounds, tournaments and perhaps an evaluation that its resume repeats from
-    that checkpoint; counting them too would count that stretch twice. So a
-    ``resume`` record cuts the previous sessions' records back to the
-    ``checkpoint`` record it names (or, when that record was lost with the
-    crash, to the rounds up to the one it resumed)."""
-    kept: list[dict] = []
-    for record in records:
-        if record["kind"] == "resume":
-            session = max((i for i, r in enumerate(kept) if r["kind"] == "start"), default=len(kept))
-            before, current = kept[:session], kept[session:]
-            named = [i for i, r in enumerate(before) if r["kind"] == "checkpoint" and r.get("path") == record["path"]]
-            if named:
-                before = before[: named[-1] + 1]
-            else:
-                before = [r for r in before if r.get("round", 0) <= record["round"]]
-            kept = before + current
-        kept.append(record)
-    return kept
+from selfloop.events import read_events
 
 
 def first_time_below(evals: list[dict], threshold_key: str) -> float | None:
@@ -214,7 +179,7 @@ def ablation_table(runs: dict[str, list[dict]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("events", nargs="?", help="a run's events.jsonl")
+    parser.add_argument("events", nargs="?", help="a run's events.jsonl, or its run directory")
     parser.add_argument("--plot", type=Path, help="write the history figure here (needs matplotlib)")
     parser.add_argument("--ablation", nargs="+", metavar="NAME=EVENTS", help="a markdown table over several runs")
     parser.add_argument("--minutes", type=float, help="read only the first MINUTES of run time of each log")

@@ -27,14 +27,13 @@ import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 
 from selfloop.config import Config
 from selfloop.curves import CurveUnit, run_curve_unit, stack_thetas
-from selfloop.guard import GuardState
-from selfloop.population import Member, is_finite_member
+from selfloop.population import is_finite_member
+from selfloop.state import Champion, GuardState, Member, adopt, snapshot
 from selfloop.tasks.normalize import ratio_to_initial
 from selfloop.tasks.sampler import sample_training_task
 
@@ -70,23 +69,8 @@ class PBTEvent:
 COPIED = ("theta", "outer_index", "outer_state", "step_scale")
 
 
-@dataclass(frozen=True)
-class Champion:
-    """The best snapshot seen (judged head to head in tournaments)."""
-
-    theta: Any
-    outer_state: Any
-    outer_index: int
-    truncation: int
-    steps: int
-    source: int  # the member it was taken from
-    round: int  # when
-    step_scale: float = 1.0
-
-
 def crown(member: Member, index: int, round_index: int) -> Champion:
-    return Champion(member.theta, member.outer_state, member.outer_index, member.truncation, member.steps, index,
-                    round_index, member.step_scale)  # fmt: skip
+    return Champion(**vars(snapshot(member)), source=index, round=round_index)
 
 
 def tournament_tasks(config: Config, event_index: int, count: int | None = None, stream: int = 0x7B7):
@@ -140,25 +124,17 @@ def advantage_t(advantage: np.ndarray) -> float:
 
 
 def exploit(members: list[Member], winner: int, loser: int) -> None:
-    """The loser takes the winner's θ, outer-optimizer index, its state and step scale."""
+    """The loser takes the winner's θ, outer-optimizer index, its state and step
+    scale (keeping its own K), and the winner's divergence history."""
     source, target = members[winner], members[loser]
-    target.theta = source.theta
-    target.step_scale = source.step_scale
-    target.outer_index = source.outer_index
-    target.outer_state = source.outer_state
-    target.steps = source.steps
-    target.last_exploit_step = source.steps
-    target.guard = dataclasses.replace(source.guard)  # the lineage's history comes along
+    taken = dataclasses.replace(snapshot(source), truncation=target.truncation)
+    adopt(target, taken, dataclasses.replace(source.guard))
 
 
 def restore_champion(members: list[Member], champion: Champion, loser: int) -> None:
-    """The loser takes the champion's θ, outer-optimizer index, state, K and step scale."""
-    target = members[loser]
-    target.step_scale = champion.step_scale
-    target.theta, target.outer_state = champion.theta, champion.outer_state
-    target.outer_index, target.truncation = champion.outer_index, champion.truncation
-    target.steps = target.last_exploit_step = champion.steps
-    target.guard = GuardState()  # a new history: the snapshot must earn its guard again
+    """The loser takes the champion's θ, outer-optimizer index, state, K and step
+    scale, with a new divergence history: the snapshot must earn its guard again."""
+    adopt(members[loser], champion, GuardState())
 
 
 def explore(

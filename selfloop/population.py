@@ -11,7 +11,6 @@ way θ ever changes; no hand-designed optimizer exists on this path.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import jax
@@ -19,61 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from selfloop.config import Config
-from selfloop.estimators import SlotState
-from selfloop.guard import GuardState
 from selfloop.lopt import LearnedOptimizer, make_lopt
 from selfloop.lopt.base import tree_all_finite, tree_l2_norm
-from selfloop.tasks.base import TaskSpec
+from selfloop.state import Member, Slot
 from selfloop.work import UnitContext, initial_slot
-
-
-@dataclass
-class Slot:
-    spec: TaskSpec
-    state: SlotState
-
-
-@dataclass
-class Member:
-    theta: Any  # lopt weights
-    outer_state: Any  # state that the outer optimizer's lopt keeps for θ
-    outer_index: int  # o(i): whose lopt updates this member
-    truncation: int  # K
-    slots: list[Slot]
-    steps: int = 0  # outer steps taken by this lineage's weights
-    step_scale: float = 1.0  # multiplies the outer optimizer's step; explored by PBT
-    last_exploit_step: int = 0
-    meta_loss: float = float("nan")
-    last_event: str = "init"
-    rejected_steps: int = 0
-    history: list[float] = field(default_factory=list)  # held-out scores
-    guard: GuardState = field(default_factory=GuardState)
-
-
-@dataclass
-class RunState:
-    """The population and its controller: everything a checkpoint holds.
-
-    Times are seconds of run time (``elapsed`` counts across resumes), so a
-    resumed run keeps its PBT, evaluation and checkpoint cadence.
-    """
-
-    members: list[Member]
-    round: int = 0
-    pbt_events: int = 0
-    pbt_rng: np.random.Generator = field(default_factory=np.random.default_rng)
-    last_pbt_time: float = 0.0
-    last_pbt_round: int = 0
-    last_eval_time: float = 0.0
-    last_eval_round: int = 0
-    last_checkpoint_time: float = 0.0
-    last_checkpoint_round: int = 0
-    inner_steps: int = 0
-    elapsed: float = 0.0
-    first_best: float = float("nan")  # best held-out score of the random population (of this held-out series)
-    heldout_set: str = ""  # which held-out set the members' histories are on ("": a checkpoint from before)
-    resumed_from: int | None = None  # round of the checkpoint this session started from
-    champion: Any = None  # pbt.Champion: the best snapshot seen (None until the first tournament)
 
 
 class OuterStep(NamedTuple):

@@ -16,130 +16,28 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from selfloop import guard
 from selfloop.config import Config, config_to_dict
 from selfloop.evaluate import EvaluationFailed, adam_reference, evaluate_members
+from selfloop.events import EventLog, Report
 from selfloop.farm import InProcessFarm, Interrupted, UnitFailure, reporting_progress
 from selfloop.lopt import make_lopt
 from selfloop.pbt import ScoringFailed, tournament
-from selfloop.population import RunState, apply_outer_steps, context_for, init_population, outer_time_limit
+from selfloop.population import apply_outer_steps, context_for, init_population, outer_time_limit
+from selfloop.session import PhaseProgress, Session
+from selfloop.state import RunState
 from selfloop.store.checkpoint import prune, write_checkpoint
 from selfloop.store.rundir import RunDir
 from selfloop.tasks.sampler import heldout_tasks, unseen_family_tasks
 from selfloop.work import UnitResult, WorkUnit, run_unit, warm_up
 
-Report = Callable[[dict], None]
 HISTORY_SHOWN = 40  # held-out scores per member repeated in a resume record (the dashboard's trend)
 NAN_EVAL = {"best": float("nan"), "adam_best_fixed": float("nan"), "adam_tuned": float("nan")}
-
-
-def cut_torn_line(path: Path) -> int:
-    """Cut a last line that a crash left half-written (no newline), so the next
-    record starts on a line of its own; returns the bytes cut."""
-    if not path.exists():
-        return 0
-    with path.open("rb+") as handle:
-        size = handle.seek(0, 2)
-        end = size
-        while end > 0:
-            start = max(0, end - 65536)
-            handle.seek(start)
-            block = handle.read(end - start)
-            if end == size and block.endswith(b"\n"):
-                return 0
-            newline = block.rfind(b"\n")
-            if newline >= 0:
-                end = start + newline + 1
-                break
-            end = start
-        handle.truncate(end)
-        return size - end
-
-
-class EventLog:
-    """Append-only JSON lines next to the checkpoints, readable without the code."""
-
-    def __init__(self, path: Path, report: Report):
-        self.path, self.report = path, report
-        self.last: dict = {"kind": "none"}  # the newest record
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.torn_bytes = cut_torn_line(path)  # reported by the trainer once the session's log is open
-
-    def __call__(self, record: dict) -> None:
-        record = {"wall_time": time.time(), **record}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record, default=_jsonable) + "\n")
-        self.last = record
-        self.report(record)
-
-    def show(self, record: dict) -> None:
-        """Report ``record`` without keeping it (progress within a phase)."""
-        self.report({"wall_time": time.time(), **record})
-
-
-class Session:
-    """This session's limits: a stop request and the time budget.
-
-    Rounds stop starting at ``max_minutes`` (counted from the session's start,
-    preparation included); any phase still running (preparation, an
-    evaluation, the final one) is cut at the hard limit, a grace of a quarter
-    of the budget (at least 15 s) later, so a run never overstays by more.
-    """
-
-    GRACE_FRACTION, GRACE_MIN_SECONDS = 0.25, 15.0
-
-    def __init__(self, max_minutes: float = 0.0, stop: StopFlag | None = None, started: float | None = None):
-        self.max_minutes, self.stop = max_minutes, stop or StopFlag()
-        self.started = time.time() if started is None else started
-
-    @property
-    def budget_seconds(self) -> float:
-        return 60.0 * self.max_minutes if self.max_minutes > 0 else math.inf
-
-    def out_of_time(self) -> bool:
-        return time.time() - self.started >= self.budget_seconds
-
-    def must_end(self) -> bool:
-        """A stop was requested or the hard limit passed: cut the running phase."""
-        budget = self.budget_seconds
-        grace = max(self.GRACE_FRACTION * budget, self.GRACE_MIN_SECONDS)
-        return self.stop.requested or time.time() - self.started >= budget + grace
-
-    @property
-    def reason(self) -> str:
-        return self.stop.reason or "budget"
-
-
-class PhaseProgress:
-    """A farm's progress callback: passes "<phase>: done/total units, ~N s left"
-    to ``show`` at most every ``every`` seconds."""
-
-    def __init__(self, show: Callable[[str], None], phase: str, every: float = 5.0):
-        self.show, self.phase, self.every = show, phase, every
-        self.started = self.last = time.time()
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.time()
-        if now - self.last < self.every or done >= total:
-            return
-        self.last = now
-        left = (now - self.started) / done * (total - done) if done else math.nan
-        eta = f", ~{left:.0f} s left" if math.isfinite(left) else ""
-        self.show(f"{self.phase}: {done}/{total} units{eta}")
-
-
-def _jsonable(value: Any):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 def _due(now: float, last_time: float, seconds: float, round_index: int, last_round: int, rounds: int) -> bool:
@@ -328,11 +226,7 @@ class Trainer:
         trainer_index = guard.healthiest([m.guard for m in members])
         for i in diverged:
             member, ema, best_ema = members[i], members[i].guard.ema, members[i].guard.best_ema
-            member.theta, member.outer_state = member.guard.best_theta, member.guard.best_outer_state
-            # Each snapshot serves once: the member must earn a new best before it
-            # is guarded again, so a snapshot that only looked good cannot trap it.
-            member.guard = guard.GuardState(rollbacks=member.guard.rollbacks + 1)
-            member.outer_index = trainer_index
+            guard.roll_back(member, trainer_index)
             member.last_event = f"rollback @r{state.round}"
             del gradients[i]
             self.log({"kind": "rollback", "round": state.round, "member": i, "ema": ema,
@@ -469,17 +363,3 @@ class Trainer:
             return NAN_EVAL
         fixed, tuned = self.reference.summary
         return {"best": min(newest), "adam_best_fixed": float(np.min(fixed)), "adam_tuned": tuned}
-
-
-class StopFlag:
-    """Set by a signal handler; the loop stops at the end of the current round."""
-
-    def __init__(self):
-        self.reason: str | None = None
-
-    @property
-    def requested(self) -> bool:
-        return self.reason is not None
-
-    def request(self, reason: str) -> None:
-        self.reason = reason

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from selfloop.config import ConfigError, config_to_dict
-from selfloop.history import latest_series, read_events, summary
+from selfloop.events import cut_torn_line, read_events
+from selfloop.history import latest_series, summary
 from selfloop.store.checkpoint import (
     CheckpointError,
     check_resumable,
@@ -30,7 +31,7 @@ from selfloop.store.checkpoint import (
     write_checkpoint,
 )
 from selfloop.store.rundir import RunLock, RunLocked
-from selfloop.train import Trainer, cut_torn_line
+from selfloop.train import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 

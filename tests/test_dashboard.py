@@ -15,8 +15,9 @@ from rich.console import Console
 
 from selfloop.config import load_config
 from selfloop.dashboard import DashboardState, apply, render, sparkline
+from selfloop.events import _jsonable
 from selfloop.report import PlainReporter
-from selfloop.train import Trainer, _jsonable
+from selfloop.train import Trainer
 from tests.conftest import REPO
 
 

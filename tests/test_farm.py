@@ -14,7 +14,8 @@ import pytest
 
 from selfloop.farm import InProcessFarm, LocalFarm, UnitFailure, dispatch_order
 from selfloop.population import context_for, init_population
-from selfloop.train import RunState, Trainer, make_units
+from selfloop.state import RunState
+from selfloop.train import Trainer, make_units
 from selfloop.work import run_unit
 
 

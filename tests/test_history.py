@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from selfloop.history import ablation_table, main, read_events, stability, surviving, within
+from selfloop.events import read_events, surviving
+from selfloop.history import ablation_table, main, stability, within
 
 
 def _eval(elapsed, members, fixed=0.2, tuned=0.1):
@@ -44,6 +45,7 @@ def test_ablation_table_and_cli_figure(tmp_path):
                {"kind": "rollback", "round": 40, "member": 1}]  # fmt: skip
     log.write_text("\n".join(json.dumps(r) for r in records) + "\n{torn")
     assert len(read_events(log)) == len(records)  # a torn last line is skipped
+    assert read_events(tmp_path) == read_events(log)  # the run directory names its log
     table = ablation_table({"all": read_events(log)})
     assert "| all | 2 | 2.5 | 1.0 min | 2.0 min | 0 | 0 | 0.050 | 0.050 |" in table
     pytest.importorskip("matplotlib")

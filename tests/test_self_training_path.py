@@ -18,7 +18,8 @@ import numpy as np
 
 from selfloop.lopt import make_lopt
 from selfloop.population import apply_outer_steps, init_population, mean_gradient, outer_time_limit
-from selfloop.train import RunState, Trainer, absorb_results, make_units
+from selfloop.state import RunState
+from selfloop.train import Trainer, absorb_results, make_units
 from selfloop.work import run_unit
 
 REPO = Path(__file__).resolve().parent.parent

@@ -45,11 +45,10 @@ import numpy as np
 
 from selfloop.config import ADDED_KEYS, Config, ConfigError, config_to_dict, saved_config_from_dict
 from selfloop.estimators import new_slot
-from selfloop.guard import GuardState
 from selfloop.lopt import make_lopt
 from selfloop.lopt import shapes as lopt_shapes
-from selfloop.pbt import Champion
-from selfloop.population import Member, RunState, Slot, context_for
+from selfloop.population import context_for
+from selfloop.state import Champion, GuardState, Member, RunState, Slot, plain_fields
 from selfloop.store.h5tree import StoredDataError, read_dataset, read_tree, scalar, write_dataset, write_tree
 from selfloop.store.rundir import RunDir
 from selfloop.tasks.base import TaskSpec
@@ -70,27 +69,15 @@ FROZEN_KEYS = (
     "estimator.kind",
     "estimator.pairs",
 )
-# Controller fields of RunState that are plain numbers (saved as attributes).
-CONTROLLER_FIELDS = (
-    "round",
-    "pbt_events",
-    "last_pbt_time",
-    "last_pbt_round",
-    "last_eval_time",
-    "last_eval_round",
-    "last_checkpoint_time",
-    "last_checkpoint_round",
-    "inner_steps",
-    "elapsed",
-    "first_best",
-)
-# Controller fields added later, with the value a checkpoint without them implies.
+# Fields added after checkpoints were first written, with the value a checkpoint
+# without them implies: of the controller (RunState), and of members and the champion.
 ADDED_CONTROLLER_FIELDS = {"heldout_set": ""}
-CHAMPION_FIELDS = ("outer_index", "truncation", "steps", "source", "round")
-MEMBER_FIELDS = ("outer_index", "truncation", "steps", "last_exploit_step", "meta_loss", "last_event",
-                 "rejected_steps")
-# Fields added later, with the value a checkpoint written before them implies.
 ADDED_FIELDS = {"step_scale": 1.0}
+# The plain numbers and strings of each state, saved as attributes; the rest
+# (weights, slots, histories, the RNG) are saved as their own datasets.
+CONTROLLER_FIELDS = plain_fields(RunState, exclude=("resumed_from", *ADDED_CONTROLLER_FIELDS))
+MEMBER_FIELDS = plain_fields(Member, exclude=tuple(ADDED_FIELDS))
+CHAMPION_FIELDS = plain_fields(Champion, exclude=tuple(ADDED_FIELDS))
 
 
 class CheckpointError(StoredDataError):
