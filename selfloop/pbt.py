@@ -160,6 +160,27 @@ def explore(
     return outer_redrawn, truncation_redrawn
 
 
+@dataclass(frozen=True)
+class Challenge:
+    """A winner against the champion on further fresh tasks (nan: not held)."""
+
+    winner_score: float = float("nan")
+    champion_score: float = float("nan")
+    t: float = float("nan")  # the winner's mean per-task advantage, in standard errors
+    won: bool = False
+
+
+def challenge_champion(map_fn, config: Config, winner: Member, champion: Champion, event_index: int) -> Challenge:
+    """Score ``winner`` and ``champion`` on ``pbt.champion_confirm_tasks`` fresh tasks; the
+    winner wins if it is better there by ``pbt.champion_confidence`` standard errors."""
+    specs = tournament_tasks(config, event_index, config.pbt.champion_confirm_tasks, CONFIRM_STREAM)
+    per_task = task_scores(map_fn, config, [winner, champion], specs)
+    winner_score, champion_score = (float(x) for x in per_task.mean(axis=0))
+    t = advantage_t(per_task[:, 1] - per_task[:, 0])
+    won = winner_score < champion_score and t >= config.pbt.champion_confidence
+    return Challenge(winner_score, champion_score, t, won)
+
+
 def tournament(
     members: list[Member],
     map_fn,
@@ -188,27 +209,17 @@ def tournament(
         restore_champion(members, champion, loser)
     else:
         exploit(members, winner, loser)
-    confirm, confirm_t = (float("nan"), float("nan")), float("nan")
     challenged = champion is not None and winner_score < champion_score
-    confirmed = not config.pbt.champion_confirm_tasks
-    if challenged and not confirmed:
-        confirm_specs = tournament_tasks(config, event_index, config.pbt.champion_confirm_tasks, CONFIRM_STREAM)
-        per_task = task_scores(map_fn, config, [members[winner], champion], confirm_specs)
-        confirm = tuple(float(x) for x in per_task.mean(axis=0))
-        confirm_t = advantage_t(per_task[:, 1] - per_task[:, 0])
-        confirmed = confirm[0] < confirm[1] and confirm_t >= config.pbt.champion_confidence
+    challenge = Challenge()
+    if challenged and config.pbt.champion_confirm_tasks:
+        challenge = challenge_champion(map_fn, config, members[winner], champion, event_index)
+    confirmed = challenge.won if config.pbt.champion_confirm_tasks else True
     replaced = config.pbt.champion and (champion is None or challenged and confirmed)
     if replaced:
         champion = crown(members[winner], winner, round_index)
-    outer_redrawn, truncation_redrawn = explore(
-        rng,
-        members[loser],
-        len(members),
-        config.population.truncations,
-        config.pbt.p_outer_redraw,
-        config.pbt.p_truncation_redraw,
-        config.pbt.step_scale_factor,
-    )
+    pbt = config.pbt
+    outer_redrawn, truncation_redrawn = explore(rng, members[loser], len(members), config.population.truncations,
+                                                pbt.p_outer_redraw, pbt.p_truncation_redraw, pbt.step_scale_factor)
     members[loser].last_event = f"copied {'champion' if from_champion else f'm{winner}'} @r{round_index}"
     return PBTEvent(
         time=time.time(),
@@ -225,8 +236,8 @@ def tournament(
         source="champion" if from_champion else "winner",
         champion_score=champion_score,
         champion_replaced=replaced,
-        confirm_winner_score=confirm[0],
-        confirm_champion_score=confirm[1],
-        confirm_t=confirm_t,
+        confirm_winner_score=challenge.winner_score,
+        confirm_champion_score=challenge.champion_score,
+        confirm_t=challenge.t,
         step_scale=members[loser].step_scale,
     ), champion
