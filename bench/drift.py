@@ -57,18 +57,18 @@ def drift(config, champion, run_dir: Path, seconds: float, every: float, cache: 
             member.theta, member.outer_state = champion.theta, champion.outer_state
         state.champion = champion
         scores, shortened, rejected = [], 0, 0
-        training, started = 0.0, time.time()
-        scores.append((0.0, trainer.evaluate(state, started)["members"]))
+        training = 0.0
+        scores.append((0.0, trainer.evaluate(state)["members"]))
         while training < seconds:
             round_started = time.perf_counter()
-            trainer.run_round(state, started)
+            trainer.run_round(state)
             record = trainer.log.last  # the round's
             if pbt:
-                trainer.maybe_pbt(state, started)
+                trainer.run_if_due("pbt", state)
             training += time.perf_counter() - round_started
             shortened, rejected = shortened + record["shortened"], rejected + record["rejected"]
             if training >= every * len(scores) or training >= seconds:
-                scores.append((training, trainer.evaluate(state, started)["members"]))
+                scores.append((training, trainer.evaluate(state)["members"]))
         rollbacks = sum(m.guard.rollbacks for m in state.members)
         return {"scores": scores, "rounds": state.round, "shortened": shortened, "rejected": rejected,
                 "rollbacks": rollbacks, "tournaments": state.pbt_events}

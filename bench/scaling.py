@@ -41,10 +41,10 @@ def timed_rounds(trainer: Trainer, rounds: int, warmup: int) -> float:
     """Seconds ``trainer`` takes for ``rounds`` rounds of a new run, after ``warmup`` rounds."""
     state = trainer.new_state()
     for _ in range(warmup):
-        trainer.run_round(state, 0.0)
+        trainer.run_round(state)
     start = time.perf_counter()
     for _ in range(rounds):
-        trainer.run_round(state, 0.0)
+        trainer.run_round(state)
     return time.perf_counter() - start
 
 

@@ -16,8 +16,10 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,10 +42,17 @@ HISTORY_SHOWN = 40  # held-out scores per member repeated in a resume record (th
 NAN_EVAL = {"best": float("nan"), "adam_best_fixed": float("nan"), "adam_tuned": float("nan")}
 
 
-def _due(now: float, last_time: float, seconds: float, round_index: int, last_round: int, rounds: int) -> bool:
-    by_time = seconds > 0 and now - last_time >= seconds
-    by_rounds = rounds > 0 and round_index - last_round >= rounds
-    return by_time or by_rounds
+@dataclass(frozen=True)
+class Cadence:
+    """Due every ``seconds`` of run time and/or every ``rounds`` rounds (0: not by that measure)."""
+
+    seconds: float = 0.0
+    rounds: int = 0
+
+    def due(self, seconds_since: float, rounds_since: int) -> bool:
+        by_time = self.seconds > 0 and seconds_since >= self.seconds
+        by_rounds = self.rounds > 0 and rounds_since >= self.rounds
+        return by_time or by_rounds
 
 
 def make_units(state: RunState) -> list[WorkUnit]:
@@ -101,6 +110,24 @@ class Trainer:
         self.heldout_set = hashlib.sha256(described.encode()).hexdigest()[:12]
         self.reference = self.unseen_reference = None
         self._unit_seconds: dict[tuple[int, int], float] = {}  # (member, slot) -> last unit's compute time
+        self.started = time.time()  # run time is time.time() - started; train() sets it from the state
+        # What the master does between rounds, each on its own cadence; each job marks
+        # when it ran in the state (last_<job>_time and _round), so a resume keeps the cadence.
+        self.jobs: dict[str, tuple[Cadence, Callable[[RunState], Any]]] = {
+            "pbt": (Cadence(config.pbt.interval_seconds, config.pbt.interval_rounds), self.pbt),
+            "checkpoint": (Cadence(config.checkpoint.interval_seconds, config.checkpoint.interval_rounds),
+                           self.checkpoint),
+            "eval": (Cadence(config.eval.interval_seconds, config.eval.interval_rounds), self.evaluate),
+        }
+
+    def run_time(self) -> float:
+        return time.time() - self.started
+
+    def run_if_due(self, job: str, state: RunState) -> None:
+        cadence, run = self.jobs[job]
+        since = self.run_time() - getattr(state, f"last_{job}_time"), state.round - getattr(state, f"last_{job}_round")
+        if cadence.due(*since):
+            run(state)
 
     def compile_seconds(self) -> float:
         """Seconds spent compiling so far, in the workers and in the master."""
@@ -124,7 +151,8 @@ class Trainer:
                   "run_dir": str(self.run_dir), "resumed_from": resumed_from})
         if found is None:
             state = self.new_state()
-            self.checkpoint(state, started=time.time())
+            self.started = time.time()
+            self.checkpoint(state)
             return state
         state, path = found
         if state.heldout_set and state.heldout_set != self.heldout_set:
@@ -168,7 +196,7 @@ class Trainer:
             heldout_set=self.heldout_set,
         )
 
-    def evaluate(self, state: RunState, started: float) -> dict | None:
+    def evaluate(self, state: RunState) -> dict | None:
         """Held-out evaluation of every member, and of the PBT champion beside
         them (never a member's score; what ``export --member champion`` would
         ship); None (and an event) if a unit failed."""
@@ -185,6 +213,7 @@ class Trainer:
                     unseen = evaluate_members(self.farm.map, self.config.lopt, thetas, self.unseen, cfg.steps,
                                               cfg.chunk, self.unseen_reference)
         except EvaluationFailed as error:
+            state.last_eval_time, state.last_eval_round = self.run_time(), state.round  # due again at its cadence
             self.log({"kind": "eval_failed", "round": state.round, "error": str(error)[-2000:]})
             return None
         size = len(state.members)
@@ -194,11 +223,12 @@ class Trainer:
         if math.isnan(state.first_best):  # the series' first evaluation
             state.first_best = float(scores.min())
         record = {
-            "kind": "eval", "round": state.round, "elapsed": time.time() - started, "heldout_set": self.heldout_set,
+            "kind": "eval", "round": state.round, "elapsed": self.run_time(), "heldout_set": self.heldout_set,
             **_scores_record(result, size, champion is not None),
             "best_member": int(np.argmin(scores)), "members_final": result.members_final[:size],
             "unseen": None if unseen is None else _scores_record(unseen, size, champion is not None),
         }
+        state.last_eval_time, state.last_eval_round = self.run_time(), state.round
         self.log(record)
         return record
 
@@ -232,7 +262,7 @@ class Trainer:
             self.log({"kind": "rollback", "round": state.round, "member": i, "ema": ema,
                       "best_ema": best_ema, "outer_index": trainer_index})
 
-    def run_round(self, state: RunState, started: float) -> None:
+    def run_round(self, state: RunState) -> None:
         results = self._run_units(state)
         gradients = absorb_results(state, results, self.config.estimator.pairs)
         if self.config.guard.rollback:
@@ -250,7 +280,7 @@ class Trainer:
                           "reason": "the outer step would have made θ or its state non-finite; θ kept"})
         state.round += 1
         self.log({
-            "kind": "round", "round": state.round, "elapsed": time.time() - started,
+            "kind": "round", "round": state.round, "elapsed": self.run_time(),
             "meta_loss": [m.meta_loss for m in state.members],
             "outer_index": [m.outer_index for m in state.members],
             "truncation": [m.truncation for m in state.members],
@@ -270,11 +300,8 @@ class Trainer:
             "compile_seconds": self.compile_seconds(),
         })
 
-    def maybe_pbt(self, state: RunState, started: float) -> None:
-        cfg = self.config.pbt
-        if not _due(time.time() - started, state.last_pbt_time, cfg.interval_seconds, state.round, state.last_pbt_round,
-                    cfg.interval_rounds):
-            return
+    def pbt(self, state: RunState) -> None:
+        """One PBT tournament (``selfloop.pbt``)."""
         try:
             event, state.champion = tournament(state.members, self.farm.map, self.config, state.pbt_rng,
                                                state.pbt_events, state.round, state.champion)
@@ -282,35 +309,22 @@ class Trainer:
         except ScoringFailed as error:
             event, reason = None, str(error)[-2000:]
         state.pbt_events += 1
-        state.last_pbt_time, state.last_pbt_round = time.time() - started, state.round
+        state.last_pbt_time, state.last_pbt_round = self.run_time(), state.round
         if event is None:
             self.log({"kind": "pbt_skipped", "round": state.round, "reason": reason})
         else:
-            self.log({**event.as_record(), "elapsed": time.time() - started})
+            self.log({**event.as_record(), "elapsed": self.run_time()})
 
-    def maybe_evaluate(self, state: RunState, started: float) -> None:
-        cfg = self.config.eval
-        if _due(time.time() - started, state.last_eval_time, cfg.interval_seconds, state.round,
-                state.last_eval_round, cfg.interval_rounds):
-            self.evaluate(state, started)
-            state.last_eval_time, state.last_eval_round = time.time() - started, state.round
-
-    def checkpoint(self, state: RunState, started: float) -> None:
+    def checkpoint(self, state: RunState) -> None:
         """Write a checkpoint now (crash-safe) and log how long it took."""
         write_started = time.time()
         self.log.show({"kind": "phase", "message": f"writing checkpoint-{state.round:09d}.h5"})  # the screen only
-        state.elapsed = state.last_checkpoint_time = write_started - started
+        state.elapsed = state.last_checkpoint_time = write_started - self.started
         state.last_checkpoint_round = state.round
         path = write_checkpoint(self.run_dir, state, self.config)
         prune(self.run_dir, self.config.checkpoint.keep)
         self.log({"kind": "checkpoint", "round": state.round, "elapsed": state.elapsed, "path": path.name,
                   "seconds": time.time() - write_started, "bytes": path.stat().st_size})
-
-    def maybe_checkpoint(self, state: RunState, started: float) -> None:
-        cfg = self.config.checkpoint
-        if _due(time.time() - started, state.last_checkpoint_time, cfg.interval_seconds, state.round,
-                state.last_checkpoint_round, cfg.interval_rounds):
-            self.checkpoint(state, started)
 
     def train(self, state: RunState, max_rounds: int = 0) -> dict:
         """Run until the session's time budget, the run's ``max_rounds`` or a
@@ -324,27 +338,27 @@ class Trainer:
         continues across resumes; the Adam reference (``prepare``) comes before.
         """
         session = self.session
-        started = time.time() - state.elapsed  # run time = time.time() - started
+        self.started = time.time() - state.elapsed
         last = NAN_EVAL
         try:
             if state.resumed_from is None and state.round == 0:
-                self.evaluate(state, started)
-                state.last_pbt_time = state.last_eval_time = time.time() - started
+                self.evaluate(state)
+                state.last_pbt_time = state.last_eval_time
             while not (max_rounds > 0 and state.round >= max_rounds):
-                self.run_round(state, started)
-                self.maybe_pbt(state, started)
+                self.run_round(state)
+                self.run_if_due("pbt", state)
                 if session.out_of_time() or session.stop.requested or (max_rounds > 0 and state.round >= max_rounds):
                     break
-                # Before the evaluation, which can take long (the paper's: 100 tasks x 10k steps);
-                # an evaluation lost to a crash is simply due again after the resume.
-                self.maybe_checkpoint(state, started)
-                self.maybe_evaluate(state, started)
-            last = self.evaluate(state, started) or NAN_EVAL
+                # The checkpoint before the evaluation, which can take long (the paper's: 100 tasks
+                # x 10k steps); an evaluation lost to a crash is simply due again after the resume.
+                for job in ("checkpoint", "eval"):
+                    self.run_if_due(job, state)
+            last = self.evaluate(state) or NAN_EVAL
         except Interrupted:
             self.log({"kind": "progress", "message": f"{session.reason}: cut the running phase at round "
                                                      f"{state.round}; keeping the state it started from"})
-        self.checkpoint(state, started)
-        self.end(state, time.time() - started, session.reason, last)
+        self.checkpoint(state)
+        self.end(state, self.run_time(), session.reason, last)
         return last
 
     def end(self, state: RunState, elapsed: float, reason: str, last: dict = NAN_EVAL) -> None:

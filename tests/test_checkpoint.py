@@ -87,8 +87,8 @@ def _checkpointed_rounds(config, run_dir: Path, rounds: int):
     trainer = Trainer(config, run_dir, report=lambda r: None)
     state = trainer.new_state()
     for _ in range(rounds):
-        trainer.run_round(state, time.time())
-        trainer.checkpoint(state, time.time())
+        trainer.run_round(state)
+        trainer.checkpoint(state)
     return state
 
 
@@ -138,9 +138,9 @@ def test_a_checkpoint_from_before_step_scales_loads_with_scale_one(smoke_config,
     trainer = Trainer(smoke_config, tmp_path, report=lambda r: None)
     state = trainer.new_state()
     for _ in range(6):
-        trainer.run_round(state, time.time())
-        trainer.maybe_pbt(state, time.time())
-    trainer.checkpoint(state, time.time())
+        trainer.run_round(state)
+        trainer.run_if_due("pbt", state)
+    trainer.checkpoint(state)
     assert state.champion is not None and len({m.step_scale for m in state.members}) > 1  # PBT explored them
     path = list_checkpoints(tmp_path)[0]
     with h5py.File(path, "r+") as handle:
@@ -174,23 +174,23 @@ def test_a_flipped_bit_is_detected_and_resume_falls_back_to_the_newest_good_chec
 def test_pruning_never_counts_a_bad_checkpoint_nor_deletes_the_last_good_one(smoke_config, tmp_path):
     trainer = Trainer(smoke_config, tmp_path, report=lambda r: None)  # keep = 3
     state = trainer.new_state()
-    trainer.checkpoint(state, time.time())  # round 0: the only good one, after what follows
+    trainer.checkpoint(state)  # round 0: the only good one, after what follows
     for _ in range(4):
-        trainer.run_round(state, time.time())
+        trainer.run_round(state)
         write_checkpoint(tmp_path, state, smoke_config)
         _flip_a_bit(list_checkpoints(tmp_path)[0], "members/000/theta/layer0/w")
     prune(tmp_path, smoke_config.checkpoint.keep)
     assert [p.name for p in list_checkpoints(tmp_path)][-1] == "checkpoint-000000000.h5"
     assert checkpoint_problem(list_checkpoints(tmp_path)[-1]) is None
     for _ in range(3):  # three good ones newer than every bad one: now those go
-        trainer.run_round(state, time.time())
-        trainer.checkpoint(state, time.time())
+        trainer.run_round(state)
+        trainer.checkpoint(state)
     assert [p.name for p in list_checkpoints(tmp_path)] == [f"checkpoint-{r:09d}.h5" for r in (7, 6, 5)]
 
 
 def test_a_tensor_of_the_wrong_shape_names_the_file_and_the_key(smoke_config, tmp_path):
     trainer = Trainer(smoke_config, tmp_path, report=lambda r: None)
-    trainer.checkpoint(trainer.new_state(), time.time())
+    trainer.checkpoint(trainer.new_state())
     path = list_checkpoints(tmp_path)[0]
     with h5py.File(path, "r+") as handle:
         del handle["members/002/theta/layer1/w"]

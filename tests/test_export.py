@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +67,7 @@ def test_loading_an_optimizer_imports_nothing_of_the_self_training_loop():
 def test_export_round_trips_the_members_weights(smoke_config, tmp_path):
     trainer = Trainer(smoke_config, tmp_path, report=lambda r: None)
     state = trainer.new_state()
-    trainer.run_round(state, time.time())
+    trainer.run_round(state)
     state.members[2].history = [0.7, 0.4]
     state.members[1].history = [0.9, 0.5]
     assert choose_member(state, "best") == 2 and choose_member(state, "1") == 1

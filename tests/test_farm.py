@@ -96,8 +96,8 @@ def test_killed_worker_is_replaced_and_every_member_advances(local_farm, smoke_c
     real_map = local_farm.map
     local_farm.map = lambda fn, items, cost=None: real_map(functools.partial(_die_once, marker, fn), items, cost)
     try:
-        trainer.run_round(state, 0.0)
-        trainer.run_round(state, 0.0)
+        trainer.run_round(state)
+        trainer.run_round(state)
     finally:
         local_farm.map = real_map
     assert os.path.exists(marker)  # a worker really died mid-unit
@@ -112,7 +112,7 @@ def test_unit_that_keeps_failing_is_reported_and_skipped(smoke_config, tmp_path)
     state = trainer.new_state()
     real_map = farm.map
     farm.map = lambda fn, items, cost=None: real_map(functools.partial(_fail_for_member, 1, fn), items, cost)
-    trainer.run_round(state, 0.0)
+    trainer.run_round(state)
     failed = [r for r in records if r["kind"] == "unit_failed"]
     assert len(failed) == smoke_config.population.tasks_per_member and failed[0]["member"] == 1
     assert failed[0]["attempts"] == 2 and "always fails" in failed[0]["error"]

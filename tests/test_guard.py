@@ -35,7 +35,7 @@ def _guarded_run(smoke_config, tmp_path):
     trainer = Trainer(config, tmp_path, report=records.append)
     state = trainer.new_state()
     for _ in range(3):
-        trainer.run_round(state, 0.0)
+        trainer.run_round(state)
     victim = min(range(len(state.members)), key=lambda i: state.members[i].guard.best_ema)
     return config, records, trainer, state, victim
 
@@ -49,7 +49,7 @@ def test_diverged_member_is_rolled_back_without_spreading(smoke_config, tmp_path
     theta["layer2"]["b"] = np.array([1e3, 1e4], np.float32)
     state.members[victim].theta = theta
     for _ in range(20):
-        trainer.run_round(state, 0.0)
+        trainer.run_round(state)
         if any(r["kind"] == "rollback" and r["member"] == victim for r in records):
             break
     rollbacks = [r for r in records if r["kind"] == "rollback"]
@@ -76,7 +76,7 @@ def test_member_with_weights_scaled_by_1e6_is_rolled_back_and_its_trainees_stay_
     rounds = 0
     while not any(r["kind"] == "rollback" and r["member"] == victim for r in records):
         assert rounds < 20, "the diverged member was never rolled back"
-        trainer.run_round(state, 0.0)
+        trainer.run_round(state)
         rounds += 1
     assert all(r["member"] == victim for r in records if r["kind"] == "rollback")
     restored = state.members[victim]

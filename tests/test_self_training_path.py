@@ -74,9 +74,9 @@ trainer = Trainer(config, Path(sys.argv[1]), report=lambda record: None)
 state = trainer.new_state()
 before = [m.theta for m in state.members]
 for _ in range(3):
-    trainer.run_round(state, 0.0)
+    trainer.run_round(state)
 state.last_pbt_time = -1e9
-trainer.maybe_pbt(state, 0.0)
+trainer.run_if_due("pbt", state)
 moved = sum(any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(m.theta),
             jax.tree_util.tree_leaves(t))) for m, t in zip(state.members, before))
 assert state.pbt_events == 1
