@@ -121,5 +121,5 @@ class RunState:
 
 def plain_fields(cls: type, *, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
     """Names of ``cls``'s fields that hold a plain number or string (stored as attributes)."""
-    plain = {"int", "float", "str", "int | None"}
+    plain = {"int", "float", "str", "bool", "int | None"}
     return tuple(f.name for f in dataclasses.fields(cls) if f.type in plain and f.name not in exclude)
