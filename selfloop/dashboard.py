@@ -15,6 +15,7 @@ import copy
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rich.console import Console, Group
@@ -88,79 +89,117 @@ class DashboardState:
             self.members.append(MemberRow())
 
 
+def _on_start(state: DashboardState, record: dict) -> None:
+    config = record["config"]
+    state.run_name, state.run_dir = config["run"]["name"], record.get("run_dir", config["run"]["checkpoint_dir"])
+    state.resumed_from, state.workers = record.get("resumed_from"), record.get("workers", 0)
+    state.pbt_interval = (config["pbt"]["interval_seconds"], config["pbt"]["interval_rounds"])
+    state.checkpoint_interval = (config["checkpoint"]["interval_seconds"], config["checkpoint"]["interval_rounds"])
+    state.ensure_members(config["population"]["size"])
+    state.status = "starting: compiling, then the Adam reference"
+
+
+def _on_resume(state: DashboardState, record: dict) -> None:
+    # The run clock stands still until training resumes (preparation is not run time).
+    state.round, state.elapsed, state.received = record["round"], record["elapsed"], 0.0
+    state.last_checkpoint = state.last_pbt = (record["elapsed"], record["round"])
+    state.ensure_members(len(record["histories"]))
+    for row, history, event in zip(state.members, record["histories"], record["last_event"]):
+        row.evals, row.last_event = list(history), event
+    latest = [row.latest for row in state.members]
+    if any(math.isfinite(x) for x in latest):
+        state.best_member = min(range(len(latest)), key=lambda i: latest[i] if math.isfinite(latest[i]) else 9e9)
+        state.best = latest[state.best_member]
+
+
+def _on_reference(state: DashboardState, record: dict) -> None:
+    state.adam_best_fixed, state.adam_tuned = record["adam_best_fixed"], record["adam_tuned"]
+
+
+def _on_heldout_changed(state: DashboardState, record: dict) -> None:
+    for row in state.members:
+        row.evals = []
+    state.best, state.best_member, state.champion = math.nan, -1, math.nan
+
+
+def _on_round(state: DashboardState, record: dict) -> None:
+    state.round, state.inner_steps, state.status = record["round"], record["inner_steps"], "training"
+    state.worker_restarts = record["worker_restarts"]
+    state.failed_units += record["failed_units"]
+    state.rate_samples.append((record["elapsed"], record["inner_steps"]))
+    state.ensure_members(len(record["meta_loss"]))
+    for i, row in enumerate(state.members):
+        row.meta_loss, row.outer_index = record["meta_loss"][i], record["outer_index"][i]
+        row.truncation, row.steps, row.age = record["truncation"][i], record["steps"][i], record["age"][i]
+
+
+def _on_eval(state: DashboardState, record: dict) -> None:
+    state.ensure_members(len(record["members"]))
+    for row, score in zip(state.members, record["members"]):
+        row.evals.append(float(score))
+        row.replaced = False
+    state.best, state.best_member = record["best"], record["best_member"]
+    state.champion = math.nan if record.get("champion") is None else record["champion"]
+    state.adam_best_fixed, state.adam_tuned = record["adam_best_fixed"], record["adam_tuned"]
+    state.unseen = record.get("unseen")
+
+
+def _on_pbt(state: DashboardState, record: dict) -> None:
+    state.last_pbt = (record.get("elapsed", state.elapsed), record["round"])
+    state.ensure_members(max(record["winner"], record["loser"]) + 1)
+    loser = state.members[record["loser"]]
+    loser.age, loser.replaced = 0, True
+    source = "champion" if record.get("source") == "champion" else f"m{record['winner']}"
+    loser.last_event = f"copied {source} @r{record['round']}"
+    state.pbt_events += 1
+
+
+def _on_rollback(state: DashboardState, record: dict) -> None:
+    state.rollbacks += 1
+    state.ensure_members(record["member"] + 1)
+    state.members[record["member"]].last_event = f"rollback @r{record['round']}"
+    state.members[record["member"]].replaced = True
+
+
+def _on_checkpoint(state: DashboardState, record: dict) -> None:
+    state.last_checkpoint = (record["elapsed"], record["round"])
+    if state.status.startswith("writing"):
+        state.status = "training"
+
+
+def _on_status(state: DashboardState, record: dict) -> None:
+    state.status = record["message"]
+
+
+# What each kind of record changes on the screen; other kinds change nothing.
+HANDLERS: dict[str, Callable[[DashboardState, dict], None]] = {
+    "start": _on_start,
+    "resume": _on_resume,
+    "reference": _on_reference,
+    "heldout_changed": _on_heldout_changed,
+    "round": _on_round,
+    "eval": _on_eval,
+    "pbt": _on_pbt,
+    "pbt_skipped": lambda state, record: setattr(state, "last_pbt", (state.elapsed, record["round"])),
+    "rollback": _on_rollback,
+    "checkpoint": _on_checkpoint,
+    "progress": _on_status,
+    "phase": _on_status,
+    "end": lambda state, record: setattr(state, "status", f"finished ({record.get('reason', 'budget')})"),
+}
+# Kinds also listed, as their log line, in the events panel.
+LISTED = ("pbt", "pbt_skipped", "rollback", "rejected", "unit_failed", "checkpoint_skipped", "eval_failed")
+
+
 def apply(state: DashboardState, record: dict, now: float | None = None) -> None:
     """Fold one event record into ``state``."""
     kind = record["kind"]
     now = time.time() if now is None else now
     if "elapsed" in record and kind not in ("resume", "end"):
         state.elapsed, state.received = record["elapsed"], now
-    if kind == "start":
-        config = record["config"]
-        state.run_name, state.run_dir = config["run"]["name"], record.get("run_dir", config["run"]["checkpoint_dir"])
-        state.resumed_from, state.workers = record.get("resumed_from"), record.get("workers", 0)
-        state.pbt_interval = (config["pbt"]["interval_seconds"], config["pbt"]["interval_rounds"])
-        state.checkpoint_interval = (config["checkpoint"]["interval_seconds"], config["checkpoint"]["interval_rounds"])
-        state.ensure_members(config["population"]["size"])
-        state.status = "starting: compiling, then the Adam reference"
-    elif kind == "resume":
-        # The run clock stands still until training resumes (preparation is not run time).
-        state.round, state.elapsed, state.received = record["round"], record["elapsed"], 0.0
-        state.last_checkpoint = state.last_pbt = (record["elapsed"], record["round"])
-        state.ensure_members(len(record["histories"]))
-        for row, history, event in zip(state.members, record["histories"], record["last_event"]):
-            row.evals, row.last_event = list(history), event
-        latest = [row.latest for row in state.members]
-        if any(math.isfinite(x) for x in latest):
-            state.best_member = min(range(len(latest)), key=lambda i: latest[i] if math.isfinite(latest[i]) else 9e9)
-            state.best = latest[state.best_member]
-    elif kind == "reference":
-        state.adam_best_fixed, state.adam_tuned = record["adam_best_fixed"], record["adam_tuned"]
-    elif kind == "heldout_changed":
-        for row in state.members:
-            row.evals = []
-        state.best, state.best_member, state.champion = math.nan, -1, math.nan
-    elif kind == "round":
-        state.round, state.inner_steps, state.status = record["round"], record["inner_steps"], "training"
-        state.worker_restarts, state.failed_units = record["worker_restarts"], state.failed_units + record[
-            "failed_units"]
-        state.rate_samples.append((record["elapsed"], record["inner_steps"]))
-        state.ensure_members(len(record["meta_loss"]))
-        for i, row in enumerate(state.members):
-            row.meta_loss, row.outer_index = record["meta_loss"][i], record["outer_index"][i]
-            row.truncation, row.steps, row.age = record["truncation"][i], record["steps"][i], record["age"][i]
-    elif kind == "eval":
-        state.ensure_members(len(record["members"]))
-        for row, score in zip(state.members, record["members"]):
-            row.evals.append(float(score))
-            row.replaced = False
-        state.best, state.best_member = record["best"], record["best_member"]
-        state.champion = math.nan if record.get("champion") is None else record["champion"]
-        state.adam_best_fixed, state.adam_tuned = record["adam_best_fixed"], record["adam_tuned"]
-        state.unseen = record.get("unseen")
-    elif kind == "pbt":
-        state.last_pbt = (record.get("elapsed", state.elapsed), record["round"])
-        state.ensure_members(max(record["winner"], record["loser"]) + 1)
-        loser = state.members[record["loser"]]
-        loser.age, loser.replaced = 0, True
-        source = "champion" if record.get("source") == "champion" else f"m{record['winner']}"
-        loser.last_event = f"copied {source} @r{record['round']}"
-        state.pbt_events += 1
-    elif kind == "pbt_skipped":
-        state.last_pbt = (state.elapsed, record["round"])
-    elif kind == "rollback":
-        state.rollbacks += 1
-        state.ensure_members(record["member"] + 1)
-        state.members[record["member"]].last_event = f"rollback @r{record['round']}"
-        state.members[record["member"]].replaced = True
-    elif kind == "checkpoint":
-        state.last_checkpoint = (record["elapsed"], record["round"])
-        if state.status.startswith("writing"):
-            state.status = "training"
-    elif kind in ("progress", "phase"):
-        state.status = record["message"]
-    elif kind == "end":
-        state.status = f"finished ({record.get('reason', 'budget')})"
-    if kind in ("pbt", "pbt_skipped", "rollback", "rejected", "unit_failed", "checkpoint_skipped", "eval_failed"):
+    if kind in HANDLERS:
+        HANDLERS[kind](state, record)
+    if kind in LISTED:
         line = format_record(record)
         if line is not None:
             state.events.append(line)

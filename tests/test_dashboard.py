@@ -97,6 +97,17 @@ def test_plain_reporter_prints_a_line_per_round_and_per_pbt_event(records):
     assert any(line.startswith("ckpt ") for line in lines) and lines[-1].startswith("end ")
 
 
+def test_a_failed_evaluation_shows_what_went_wrong_in_the_log_and_on_the_dashboard():
+    error = "Traceback (most recent call last):\n  ...\nValueError: boom\n"
+    record = {"kind": "eval_failed", "round": 7, "error": error}
+    stream = io.StringIO()
+    PlainReporter(stream)(record)
+    assert stream.getvalue().strip() == "eval  round     7  failed: ValueError: boom"
+    state = DashboardState()
+    apply(state, record, now=0.0)
+    assert "failed: ValueError: boom" in state.events[-1]
+
+
 def test_clocks_advance_between_records(records):
     state = DashboardState()
     for record in records:
