@@ -54,8 +54,9 @@ def branch_table(runs: dict[str, Path], branched_at: int) -> str:
         cells = [f"{e['best']:.3f} ({e['champion']:.3f}) @ {(e['elapsed'] - start['elapsed']) / 60:.1f}, "
                  f"{(s - start['inner_steps']) / 1e6:.2f}" for e, s in zip(evals, steps)]
         lowest = min((e["best"] for e in evals), default=float("nan"))
-        print_rail = f"{rail_use(new).shortened_fraction:.1%}" if rail_use(new).outer_steps else "-"
-        lines.append(f"| {name} | {'; '.join(cells) or '-'} | {lowest:.3f} | {print_rail} |")
+        rail = rail_use(new)
+        shortened = f"{rail.shortened_fraction:.1%}" if rail.outer_steps else "-"
+        lines.append(f"| {name} | {'; '.join(cells) or '-'} | {lowest:.3f} | {shortened} |")
     return "\n".join(lines)
 
 

@@ -19,11 +19,12 @@ rule: it only ever restores weights that learned optimizers produced.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 from selfloop.config import GuardConfig
-from selfloop.state import GuardState, Member, Snapshot, adopt
+from selfloop.state import GuardState, Member, adopt, snapshot
 
 
 def observe(guard: GuardState, meta_loss: float, theta: Any, outer_state: Any, config: GuardConfig) -> bool:
@@ -52,6 +53,6 @@ def roll_back(member: Member, outer_index: int) -> None:
     new best before it is guarded again, so a snapshot that only looked good
     cannot trap it."""
     guard = member.guard
-    best = Snapshot(guard.best_theta, guard.best_outer_state, outer_index, member.truncation, member.steps,
-                    member.step_scale)  # fmt: skip
+    best = dataclasses.replace(snapshot(member), theta=guard.best_theta, outer_state=guard.best_outer_state,
+                               outer_index=outer_index)
     adopt(member, best, GuardState(rollbacks=guard.rollbacks + 1))
