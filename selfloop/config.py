@@ -42,6 +42,7 @@ ADDED_KEYS: dict[str, Any] = {
     "lopt.step_mult": 1e-3,
     "pbt.step_scale_factor": 1.0,
     "eval.unseen_families": (),
+    "pbt.restore_confidence": 0.0,
 }
 
 
@@ -204,6 +205,13 @@ class PBTConfig:
     # champion 280 times in 20 minutes and its held-out loss drifted from 0.27
     # to 0.45: the winner's curse of many noisy comparisons (issue #8).
     champion_confidence: float = non_negative(2.0)
+    # A losing member copies the champion rather than the winner only if the
+    # champion beat the winner by this many standard errors of its per-task
+    # advantage on the tournament's tasks (0: any advantage). The champion
+    # changes hands only on a confirmed margin, so it can fall behind a
+    # population that keeps improving; level with the winner, it would win
+    # about every other tournament by chance, each copy a step back.
+    restore_confidence: float = non_negative(0.0)
 
 
 @dataclass(frozen=True)

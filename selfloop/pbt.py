@@ -11,7 +11,10 @@ copied. The held-out evaluation set is never used here.
 The champion (``pbt.champion``, issue #8): an archive of the best snapshot seen
 (θ, outer-optimizer index and state, K), judged head to head. It is scored in
 every tournament on the same tasks as the pair; the loser copies it instead of
-the winner when it beats the winner. A winner that beats it is a challenger:
+the winner when it beats the winner by ``pbt.restore_confidence`` standard
+errors of its per-task advantage there (a champion merely level with the
+population wins about half its tournaments by chance, and each copy would set
+a member back to where the population stood when it was crowned). A winner that beats it is a challenger:
 both are scored again on ``pbt.champion_confirm_tasks`` further fresh tasks, and
 the challenger replaces the champion only if it wins there too, by a margin of
 ``pbt.champion_confidence`` standard errors of its per-task advantage (with a
@@ -60,6 +63,7 @@ class PBTEvent:
     confirm_winner_score: float = float("nan")
     confirm_champion_score: float = float("nan")
     confirm_t: float = float("nan")  # the winner's mean advantage there, in standard errors
+    restore_t: float = float("nan")  # the champion's mean advantage over the winner on the tournament's tasks
     step_scale: float = 1.0  # the loser's outer step scale after the event
 
     def as_record(self) -> dict:
@@ -106,17 +110,14 @@ def task_scores(map_fn, config: Config, members: list[Member], specs) -> np.ndar
     return np.where(finite, np.stack(per_task), np.inf)
 
 
-def score_members(map_fn, config: Config, members: list[Member], specs) -> np.ndarray:
-    """Mean over tasks of ``task_scores``: one score per member, lower is better."""
-    return task_scores(map_fn, config, members, specs).mean(axis=0)
-
-
 def advantage_t(advantage: np.ndarray) -> float:
     """Paired t statistic of per-task advantages (> 0: the challenger did
     better): their mean in standard errors; ±inf when they all agree exactly."""
     mean = float(np.mean(advantage))
-    if len(advantage) < 2 or not np.isfinite(mean):
-        return mean if np.isfinite(mean) else -np.inf
+    if np.isnan(mean):
+        return -np.inf
+    if len(advantage) < 2 or np.isinf(mean):
+        return mean
     error = float(np.std(advantage, ddof=1)) / np.sqrt(len(advantage))
     if error > 0:
         return mean / error
@@ -198,13 +199,19 @@ def tournament(
     a, b = (int(i) for i in rng.choice(len(members), size=2, replace=False))
     specs = tournament_tasks(config, event_index)
     contestants = [members[a], members[b]] + ([champion] if champion is not None else [])
-    scores = score_members(map_fn, config, contestants, specs)
+    per_task = task_scores(map_fn, config, contestants, specs)
+    scores = per_task.mean(axis=0)
     if not np.isfinite(scores[:2]).any():
         return None, champion
-    winner, loser = (a, b) if scores[0] <= scores[1] else (b, a)
-    winner_score, loser_score = (scores[0], scores[1]) if winner == a else (scores[1], scores[0])
+    first_wins = scores[0] <= scores[1]
+    winner, loser = (a, b) if first_wins else (b, a)
+    winner_score, loser_score = (scores[0], scores[1]) if first_wins else (scores[1], scores[0])
     champion_score = float(scores[2]) if champion is not None else float("nan")
-    from_champion = champion is not None and champion_score < winner_score
+    restore_t = float("nan")
+    if champion is not None:
+        restore_t = advantage_t(per_task[:, 0 if first_wins else 1] - per_task[:, 2])
+    from_champion = (champion is not None and champion_score < winner_score
+                     and restore_t >= config.pbt.restore_confidence)
     if from_champion:
         restore_champion(members, champion, loser)
     else:
@@ -239,5 +246,6 @@ def tournament(
         confirm_winner_score=challenge.winner_score,
         confirm_champion_score=challenge.champion_score,
         confirm_t=challenge.t,
+        restore_t=restore_t,
         step_scale=members[loser].step_scale,
     ), champion

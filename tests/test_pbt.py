@@ -119,10 +119,10 @@ def test_a_collapsed_pair_copies_the_champion_and_a_better_winner_replaces_it(sm
     # The per-tensor lopt, whose weights scaled by 1e6 take exploding steps. The
     # odd lopt's step flips with the gradient and its magnitude is an even
     # function, so scaled weights need not explode: they may scale steps to 0.
-    config = dataclasses.replace(
-        smoke_config, pbt=dataclasses.replace(smoke_config.pbt, p_outer_redraw=0.0, p_truncation_redraw=0.0),
-        lopt=LOptConfig(features="per_tensor", odd=False),
-    )
+    # Any margin restores the champion here (two tasks rarely give a t statistic
+    # of 2); the margin is tested below.
+    pbt = dataclasses.replace(smoke_config.pbt, p_outer_redraw=0.0, p_truncation_redraw=0.0, restore_confidence=0.0)
+    config = dataclasses.replace(smoke_config, pbt=pbt, lopt=LOptConfig(features="per_tensor", odd=False))
     members = init_population(config)
     champion = crown(members[0], 0, round_index=3)
     for member in members:  # every member collapses: exploding steps on every task
@@ -196,6 +196,7 @@ def test_the_champion_falls_only_to_an_advantage_larger_than_its_noise():
     steady = np.full(8, 0.01)  # 1 % better on every task
     noisy = np.array([0.2, -0.15, 0.1, -0.12, 0.05, -0.02, 0.03, -0.01])  # better on average, by luck
     assert advantage_t(steady) == np.inf and advantage_t(-steady) == -np.inf
+    assert advantage_t(np.array([np.inf, 0.01])) == np.inf  # a non-finite opponent loses
     assert 0 < advantage_t(noisy) < 1
     assert advantage_t(steady + 0.01 * np.arange(8)) > 2  # consistent, if uneven: well above its error
     assert np.isclose(advantage_t(noisy), noisy.mean() / (noisy.std(ddof=1) / np.sqrt(8)))
@@ -211,3 +212,18 @@ def test_a_challenger_that_wins_by_less_than_the_confidence_keeps_the_champion(s
         if narrow_wins >= 2:
             return
     raise AssertionError(f"only {narrow_wins} challengers won on the further tasks: nothing was tested")
+
+
+def test_the_loser_copies_the_champion_only_when_it_beat_the_winner_by_the_confidence(smoke_config):
+    # Near-copies of the champion: it beats the winner on some tournaments'
+    # tasks by chance, never by fifty standard errors.
+    pbt = dataclasses.replace(smoke_config.pbt, p_outer_redraw=0.0, p_truncation_redraw=0.0, restore_confidence=50.0)
+    config = dataclasses.replace(smoke_config, pbt=pbt)
+    chance_wins = 0
+    for _before, event, _champion in _close_challenges(config, seed=2):
+        assert np.isfinite(event.restore_t)
+        assert event.source == ("champion" if event.restore_t >= 50.0 else "winner")
+        chance_wins += bool(event.champion_score < event.winner_score)
+        if chance_wins >= 2:
+            return
+    raise AssertionError(f"the champion beat the winner only {chance_wins} times: nothing was tested")
