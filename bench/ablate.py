@@ -44,7 +44,8 @@ def run_minutes(events: Path) -> float:
     """Run time a log has reached (0 when there is none)."""
     if not events.exists():
         return 0.0
-    return max((r.get("elapsed", 0.0) for r in read_events(events)), default=0.0) / 60.0
+    times = (getattr(e, "elapsed", 0.0) for e in read_events(events))
+    return max((t for t in times if t == t), default=0.0) / 60.0  # a tournament's may be nan
 
 
 def main() -> None:

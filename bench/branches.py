@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from selfloop.events import read_events
+from selfloop.events import Eval, Round, read_events
 from selfloop.history import inner_steps_at_evals, rail_use
 from selfloop.store.checkpoint import list_checkpoints
 
@@ -46,14 +46,14 @@ def branch_table(runs: dict[str, Path], branched_at: int) -> str:
     lines = ["| variant | evaluations since the branch: best member (champion) @ minutes, M inner steps "
              "| lowest | rail shortened |", "|---|---|---|---|"]
     for name, run_dir in runs.items():
-        records = read_events(run_dir / "events.jsonl")
-        start = next(r for r in reversed(records[:branched_at]) if r["kind"] == "round")
-        new = records[branched_at:]  # what the branch wrote itself; its log starts with the source's
-        evals = [r for r in new if r["kind"] == "eval"]
+        events = read_events(run_dir / "events.jsonl")
+        start = next(e for e in reversed(events[:branched_at]) if isinstance(e, Round))
+        new = events[branched_at:]  # what the branch wrote itself; its log starts with the source's
+        evals = [e for e in new if isinstance(e, Eval)]
         steps = inner_steps_at_evals(new)
-        cells = [f"{e['best']:.3f} ({e['champion']:.3f}) @ {(e['elapsed'] - start['elapsed']) / 60:.1f}, "
-                 f"{(s - start['inner_steps']) / 1e6:.2f}" for e, s in zip(evals, steps)]
-        lowest = min((e["best"] for e in evals), default=float("nan"))
+        cells = [f"{e.best:.3f} ({e.champion:.3f}) @ {(e.elapsed - start.elapsed) / 60:.1f}, "
+                 f"{(s - start.inner_steps) / 1e6:.2f}" for e, s in zip(evals, steps)]
+        lowest = min((e.best for e in evals), default=float("nan"))
         rail = rail_use(new)
         shortened = f"{rail.shortened_fraction:.1%}" if rail.outer_steps else "-"
         lines.append(f"| {name} | {'; '.join(cells) or '-'} | {lowest:.3f} | {shortened} |")

@@ -17,21 +17,21 @@ import argparse
 import statistics
 from pathlib import Path
 
-from selfloop.events import read_events
-from selfloop.history import inner_steps_at_evals, rail_use
+from selfloop.events import Eval, Event, Round, read_events
+from selfloop.history import inner_steps_at_evals, of_type, rail_use
 
 
-def best_within(records: list[dict], minutes: float | None = None, inner_millions: float | None = None) -> float:
+def best_within(events: list[Event], minutes: float | None = None, inner_millions: float | None = None) -> float:
     """The best member at the last evaluation inside the budget (nan: none yet, or the run
     stopped before it had used the budget)."""
-    evals = [r for r in records if r["kind"] == "eval"]
-    steps = inner_steps_at_evals(records)
-    if (minutes is not None and evals[-1]["elapsed"] < 60.0 * minutes - 30.0) or (
+    evals = of_type(events, Eval)
+    steps = inner_steps_at_evals(events)
+    if (minutes is not None and evals[-1].elapsed < 60.0 * minutes - 30.0) or (
         inner_millions is not None and steps[-1] < inner_millions * 1e6
     ):
         return float("nan")
-    inside = [e["best"] for e, s in zip(evals, steps)
-              if (minutes is None or e["elapsed"] <= 60.0 * minutes + 30.0)
+    inside = [e.best for e, s in zip(evals, steps)
+              if (minutes is None or e.elapsed <= 60.0 * minutes + 30.0)
               and (inner_millions is None or s <= inner_millions * 1e6)]  # fmt: skip
     return inside[-1] if inside else float("nan")
 
@@ -50,15 +50,14 @@ def main() -> None:
     by_variant: dict[str, list[list[float]]] = {}
     for spec in args.runs:
         label, run_dir = spec.split("=", 1)
-        records = read_events(Path(run_dir) / "events.jsonl")
-        evals = [r for r in records if r["kind"] == "eval"]
-        rounds = [r for r in records if r["kind"] == "round"]
-        values = [best_within(records, minutes=m) for m in minutes] + [best_within(records, inner_millions=m)
+        events = read_events(Path(run_dir) / "events.jsonl")
+        evals, rounds = of_type(events, Eval), of_type(events, Round)
+        values = [best_within(events, minutes=m) for m in minutes] + [best_within(events, inner_millions=m)
                                                                        for m in inner]
         by_variant.setdefault(label.split(":")[0], []).append(values)
         print(f"| {label} | " + " | ".join(f"{v:.3f}" if v == v else "-" for v in values)
-              + f" | {min(e['best'] for e in evals):.3f} | {evals[-1]['elapsed'] / 60:.1f} | "
-              f"{rounds[-1]['inner_steps'] / 1e6:.2f} | {rail_use(records).shortened_fraction:.1%} |")
+              + f" | {min(e.best for e in evals):.3f} | {evals[-1].elapsed / 60:.1f} | "
+              f"{rounds[-1].inner_steps / 1e6:.2f} | {rail_use(events).shortened_fraction:.1%} |")
     print("\n| variant (seeds) | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for variant, rows in by_variant.items():

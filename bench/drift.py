@@ -50,7 +50,7 @@ def drift(config, champion, run_dir: Path, seconds: float, every: float, cache: 
     farm = LocalFarm(cache_root=cache, log_dir=run_dir / "workers")
     farm.wait_ready()
     try:
-        trainer = Trainer(config, run_dir, report=lambda record: None, farm=farm)
+        trainer = Trainer(config, run_dir, report=lambda event: None, farm=farm)
         trainer.prepare()
         state = trainer.new_state()
         for member in state.members:
@@ -58,17 +58,17 @@ def drift(config, champion, run_dir: Path, seconds: float, every: float, cache: 
         state.champion = champion
         scores, shortened, rejected = [], 0, 0
         training = 0.0
-        scores.append((0.0, trainer.evaluate(state)["members"]))
+        scores.append((0.0, trainer.evaluate(state).members))
         while training < seconds:
             round_started = time.perf_counter()
             trainer.run_round(state)
-            record = trainer.log.last  # the round's
+            event = trainer.log.last  # the round's
             if pbt:
                 trainer.run_if_due("pbt", state)
             training += time.perf_counter() - round_started
-            shortened, rejected = shortened + record["shortened"], rejected + record["rejected"]
+            shortened, rejected = shortened + event.shortened, rejected + event.rejected
             if training >= every * len(scores) or training >= seconds:
-                scores.append((training, trainer.evaluate(state)["members"]))
+                scores.append((training, trainer.evaluate(state).members))
         rollbacks = sum(m.guard.rollbacks for m in state.members)
         return {"scores": scores, "rounds": state.round, "shortened": shortened, "rejected": rejected,
                 "rollbacks": rollbacks, "tournaments": state.pbt_events}

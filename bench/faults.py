@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from selfloop.events import read_events
+from selfloop.events import Round, read_events
 from selfloop.store.checkpoint import list_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
@@ -158,8 +158,7 @@ def soak(work: Path, kills: int, seed: int) -> None:
     final = subprocess.run(run_py(*args, "--max-rounds", "1"), cwd=REPO, capture_output=True, text=True)
     raw = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     resumed = sum(r["kind"] == "resume" for r in raw)  # every session's, kept or undone by a later crash
-    records = read_events(run_dir / "events.jsonl")
-    timeline = [r["round"] for r in records if r["kind"] == "round"]
+    timeline = [e.round for e in read_events(run_dir / "events.jsonl") if isinstance(e, Round)]
     continuous = all(b == a + 1 for a, b in zip(timeline, timeline[1:]))
     print(f"\n{kills} kill -9: {resumed} of {kills} restarts resumed from a checkpoint; "
           f"rounds lost per kill: max {max(lost)}, at most a checkpoint interval (3) plus the round in progress: "

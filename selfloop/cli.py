@@ -275,29 +275,30 @@ def _train(args: argparse.Namespace, config, run_dir: Path) -> int:
 
     configure_jax(config.farm.compile_cache or None)  # the master compiles outer steps
 
+    from selfloop import events
     from selfloop.dashboard import LiveDashboard
     from selfloop.farm import Interrupted, make_farm, usable_workers
-    from selfloop.report import PlainReporter, format_record
+    from selfloop.report import PlainReporter, format_event
     from selfloop.session import Session
     from selfloop.store.checkpoint import load_latest
     from selfloop.train import Trainer
 
-    notes: list[dict] = []
+    notes: list[events.Event] = []
     if args.fresh and (moved := _set_aside(run_dir, _previous_run(run_dir))):
-        notes.append({"kind": "fresh", "message": f"previous run moved to {moved}"})
+        notes.append(events.Fresh(f"previous run moved to {moved}"))
 
     def skipped(path: Path, error: str) -> None:
         print(f"warning: skipping checkpoint {path}: {error}", file=sys.stderr)
-        notes.append({"kind": "checkpoint_skipped", "path": path.name, "error": error})
+        notes.append(events.CheckpointSkipped(path.name, error))
 
     found = load_latest(run_dir, config, skipped)
     if found is None and (moved := _set_aside(run_dir, _previous_run(run_dir))):
         # A run that died before its first checkpoint left only a log: nothing to resume.
-        notes.append({"kind": "fresh", "message": f"no usable checkpoint; previous files moved to {moved}"})
+        notes.append(events.Fresh(f"no usable checkpoint; previous files moved to {moved}"))
 
     session = Session(config.run.max_minutes, _stop_on_signals())
     if config.farm.engine == "local" and (capped := usable_workers(config.farm.workers)[1]):
-        notes.append({"kind": "progress", "message": f"farm.workers = {config.farm.workers}: {capped}"})
+        notes.append(events.Progress(f"farm.workers = {config.farm.workers}: {capped}"))
 
     farm = make_farm(config.farm, run_dir)
     live = config.run.dashboard == "live" or (config.run.dashboard == "auto" and sys.stdout.isatty())
@@ -317,7 +318,8 @@ def _train(args: argparse.Namespace, config, run_dir: Path) -> int:
             else:
                 trainer.train(state, config.run.max_rounds)
         if live:  # the screen is gone: leave the outcome in the terminal
-            print(format_record(trainer.log.last) or "", f"\nevent log: {trainer.log.path}")
+            last = trainer.log.last
+            print(last and format_event(last) or "", f"\nevent log: {trainer.log.path}")
     finally:
         farm.close(now=interrupted or session.stop.requested)
     return 130 if session.stop.requested else 0

@@ -1,9 +1,9 @@
 """Live terminal dashboard (rich): per-member losses, who trains whom, PBT events, throughput.
 
-The master's event records (the same dicts that go to ``events.jsonl``) are
-folded into a ``DashboardState`` by ``apply``; ``render`` turns a state into a
-rich renderable and nothing else, so it is tested at a fixed width without a
-terminal. ``LiveDashboard`` ties them together: records are folded in the
+The master's typed events (``selfloop.events``, the same ones that go to
+``events.jsonl``) are folded into a ``DashboardState`` by ``apply``; ``render``
+turns a state into a rich renderable and nothing else, so it is tested at a
+fixed width without a terminal. ``LiveDashboard`` ties them together: events are folded in the
 master's thread under a lock, and rich's refresh thread renders a copy a few
 times a second, so the run never waits for the screen.
 """
@@ -24,12 +24,13 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from selfloop.report import format_record
+from selfloop import events as ev
+from selfloop.report import format_event
 
 SPARK = "▁▂▃▄▅▆▇█"
 TREND_POINTS = 24
 EVENTS_SHOWN = 8
-RATE_WINDOW = 20  # round records over which throughput is measured
+RATE_WINDOW = 20  # rounds over which throughput is measured
 
 
 @dataclass
@@ -55,7 +56,7 @@ class MemberRow:
 
 @dataclass
 class DashboardState:
-    """What the dashboard shows, folded from event records."""
+    """What the dashboard shows, folded from events."""
 
     run_name: str = ""
     run_dir: str = ""
@@ -66,8 +67,8 @@ class DashboardState:
     members: list[MemberRow] = field(default_factory=list)
     events: collections.deque = field(default_factory=lambda: collections.deque(maxlen=EVENTS_SHOWN))
     round: int = 0
-    elapsed: float = 0.0  # run time at the newest record
-    received: float = 0.0  # wall time the newest timed record arrived
+    elapsed: float = 0.0  # run time at the newest timed event
+    received: float = 0.0  # wall time the newest timed event arrived
     inner_steps: int = 0
     rate_samples: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RATE_WINDOW))
     worker_restarts: int = 0
@@ -80,7 +81,7 @@ class DashboardState:
     adam_best_fixed: float = math.nan
     adam_tuned: float = math.nan
     champion: float = math.nan  # the PBT champion's held-out loss (it is scored beside the members)
-    unseen: dict | None = None  # the newest scores on families left out of training (eval.unseen_families)
+    unseen: ev.Scores | None = None  # the newest scores on families left out of training (eval.unseen_families)
     pbt_events: int = 0
     status: str = "starting"
 
@@ -89,118 +90,122 @@ class DashboardState:
             self.members.append(MemberRow())
 
 
-def _on_start(state: DashboardState, record: dict) -> None:
-    config = record["config"]
-    state.run_name, state.run_dir = config["run"]["name"], record.get("run_dir", config["run"]["checkpoint_dir"])
-    state.resumed_from, state.workers = record.get("resumed_from"), record.get("workers", 0)
+def _on_start(state: DashboardState, event: ev.Start) -> None:
+    config = event.config
+    state.run_name, state.run_dir = config["run"]["name"], event.run_dir or config["run"]["checkpoint_dir"]
+    state.resumed_from, state.workers = event.resumed_from, event.workers
     state.pbt_interval = (config["pbt"]["interval_seconds"], config["pbt"]["interval_rounds"])
     state.checkpoint_interval = (config["checkpoint"]["interval_seconds"], config["checkpoint"]["interval_rounds"])
     state.ensure_members(config["population"]["size"])
     state.status = "starting: compiling, then the Adam reference"
 
 
-def _on_resume(state: DashboardState, record: dict) -> None:
+def _on_resume(state: DashboardState, event: ev.Resume) -> None:
     # The run clock stands still until training resumes (preparation is not run time).
-    state.round, state.elapsed, state.received = record["round"], record["elapsed"], 0.0
-    state.last_checkpoint = state.last_pbt = (record["elapsed"], record["round"])
-    state.ensure_members(len(record["histories"]))
-    for row, history, event in zip(state.members, record["histories"], record["last_event"]):
-        row.evals, row.last_event = list(history), event
+    state.round, state.elapsed, state.received = event.round, event.elapsed, 0.0
+    state.last_checkpoint = state.last_pbt = (event.elapsed, event.round)
+    state.ensure_members(len(event.histories))
+    for row, history, last_event in zip(state.members, event.histories, event.last_event):
+        row.evals, row.last_event = list(history), last_event
     latest = [row.latest for row in state.members]
     if any(math.isfinite(x) for x in latest):
         state.best_member = min(range(len(latest)), key=lambda i: latest[i] if math.isfinite(latest[i]) else 9e9)
         state.best = latest[state.best_member]
 
 
-def _on_reference(state: DashboardState, record: dict) -> None:
-    state.adam_best_fixed, state.adam_tuned = record["adam_best_fixed"], record["adam_tuned"]
+def _on_reference(state: DashboardState, event: ev.Reference) -> None:
+    state.adam_best_fixed, state.adam_tuned = event.adam_best_fixed, event.adam_tuned
 
 
-def _on_heldout_changed(state: DashboardState, record: dict) -> None:
+def _on_heldout_changed(state: DashboardState, event: ev.HeldoutChanged) -> None:
     for row in state.members:
         row.evals = []
     state.best, state.best_member, state.champion = math.nan, -1, math.nan
 
 
-def _on_round(state: DashboardState, record: dict) -> None:
-    state.round, state.inner_steps, state.status = record["round"], record["inner_steps"], "training"
-    state.worker_restarts = record["worker_restarts"]
-    state.failed_units += record["failed_units"]
-    state.rate_samples.append((record["elapsed"], record["inner_steps"]))
-    state.ensure_members(len(record["meta_loss"]))
+def _on_round(state: DashboardState, event: ev.Round) -> None:
+    state.round, state.inner_steps, state.status = event.round, event.inner_steps, "training"
+    state.worker_restarts = event.worker_restarts
+    state.failed_units += event.failed_units
+    state.rate_samples.append((event.elapsed, event.inner_steps))
+    state.ensure_members(len(event.meta_loss))
     for i, row in enumerate(state.members):
-        row.meta_loss, row.outer_index = record["meta_loss"][i], record["outer_index"][i]
-        row.truncation, row.steps, row.age = record["truncation"][i], record["steps"][i], record["age"][i]
+        row.meta_loss, row.outer_index = event.meta_loss[i], event.outer_index[i]
+        row.truncation, row.steps, row.age = event.truncation[i], event.steps[i], event.age[i]
 
 
-def _on_eval(state: DashboardState, record: dict) -> None:
-    state.ensure_members(len(record["members"]))
-    for row, score in zip(state.members, record["members"]):
+def _on_eval(state: DashboardState, event: ev.Eval) -> None:
+    state.ensure_members(len(event.members))
+    for row, score in zip(state.members, event.members):
         row.evals.append(float(score))
         row.replaced = False
-    state.best, state.best_member = record["best"], record["best_member"]
-    state.champion = math.nan if record.get("champion") is None else record["champion"]
-    state.adam_best_fixed, state.adam_tuned = record["adam_best_fixed"], record["adam_tuned"]
-    state.unseen = record.get("unseen")
+    state.best, state.best_member = event.best, event.best_member
+    state.champion = math.nan if event.champion is None else event.champion
+    state.adam_best_fixed, state.adam_tuned = event.adam_best_fixed, event.adam_tuned
+    state.unseen = event.unseen
 
 
-def _on_pbt(state: DashboardState, record: dict) -> None:
-    state.last_pbt = (record.get("elapsed", state.elapsed), record["round"])
-    state.ensure_members(max(record["winner"], record["loser"]) + 1)
-    loser = state.members[record["loser"]]
+def _on_tournament(state: DashboardState, event: ev.Tournament) -> None:
+    state.last_pbt = (state.elapsed if math.isnan(event.elapsed) else event.elapsed, event.round)
+    state.ensure_members(max(event.winner, event.loser) + 1)
+    loser = state.members[event.loser]
     loser.age, loser.replaced = 0, True
-    source = "champion" if record.get("source") == "champion" else f"m{record['winner']}"
-    loser.last_event = f"copied {source} @r{record['round']}"
+    source = "champion" if event.source == "champion" else f"m{event.winner}"
+    loser.last_event = f"copied {source} @r{event.round}"
     state.pbt_events += 1
 
 
-def _on_rollback(state: DashboardState, record: dict) -> None:
+def _on_rollback(state: DashboardState, event: ev.Rollback) -> None:
     state.rollbacks += 1
-    state.ensure_members(record["member"] + 1)
-    state.members[record["member"]].last_event = f"rollback @r{record['round']}"
-    state.members[record["member"]].replaced = True
+    state.ensure_members(event.member + 1)
+    state.members[event.member].last_event = f"rollback @r{event.round}"
+    state.members[event.member].replaced = True
 
 
-def _on_checkpoint(state: DashboardState, record: dict) -> None:
-    state.last_checkpoint = (record["elapsed"], record["round"])
+def _on_checkpoint(state: DashboardState, event: ev.Checkpoint) -> None:
+    state.last_checkpoint = (event.elapsed, event.round)
     if state.status.startswith("writing"):
         state.status = "training"
 
 
-def _on_status(state: DashboardState, record: dict) -> None:
-    state.status = record["message"]
+def _on_status(state: DashboardState, event: ev.Progress | ev.Phase) -> None:
+    state.status = event.message
 
 
-# What each kind of record changes on the screen; other kinds change nothing.
-HANDLERS: dict[str, Callable[[DashboardState, dict], None]] = {
-    "start": _on_start,
-    "resume": _on_resume,
-    "reference": _on_reference,
-    "heldout_changed": _on_heldout_changed,
-    "round": _on_round,
-    "eval": _on_eval,
-    "pbt": _on_pbt,
-    "pbt_skipped": lambda state, record: setattr(state, "last_pbt", (state.elapsed, record["round"])),
-    "rollback": _on_rollback,
-    "checkpoint": _on_checkpoint,
-    "progress": _on_status,
-    "phase": _on_status,
-    "end": lambda state, record: setattr(state, "status", f"finished ({record.get('reason', 'budget')})"),
+# What each type of event changes on the screen; other types change nothing.
+HANDLERS: dict[type[ev.Event], Callable] = {
+    ev.Start: _on_start,
+    ev.Resume: _on_resume,
+    ev.Reference: _on_reference,
+    ev.HeldoutChanged: _on_heldout_changed,
+    ev.Round: _on_round,
+    ev.Eval: _on_eval,
+    ev.Tournament: _on_tournament,
+    ev.TournamentSkipped: lambda state, event: setattr(state, "last_pbt", (state.elapsed, event.round)),
+    ev.Rollback: _on_rollback,
+    ev.Checkpoint: _on_checkpoint,
+    ev.Progress: _on_status,
+    ev.Phase: _on_status,
+    ev.End: lambda state, event: setattr(state, "status", f"finished ({event.reason or 'budget'})"),
 }
-# Kinds also listed, as their log line, in the events panel.
-LISTED = ("pbt", "pbt_skipped", "rollback", "rejected", "unit_failed", "checkpoint_skipped", "eval_failed")
+# Types also listed, as their log line, in the events panel.
+LISTED = (ev.Tournament, ev.TournamentSkipped, ev.Rollback, ev.Rejected, ev.UnitFailed, ev.CheckpointSkipped,
+          ev.EvalFailed)
+# Types whose run time is not the clock's now: a resume's is the checkpoint's, an end's the session's.
+UNTIMED = (ev.Resume, ev.End)
 
 
-def apply(state: DashboardState, record: dict, now: float | None = None) -> None:
-    """Fold one event record into ``state``."""
-    kind = record["kind"]
+def apply(state: DashboardState, event: ev.Event, now: float | None = None) -> None:
+    """Fold one event into ``state``."""
     now = time.time() if now is None else now
-    if "elapsed" in record and kind not in ("resume", "end"):
-        state.elapsed, state.received = record["elapsed"], now
-    if kind in HANDLERS:
-        HANDLERS[kind](state, record)
-    if kind in LISTED:
-        line = format_record(record)
+    elapsed = getattr(event, "elapsed", math.nan)
+    if not isinstance(event, UNTIMED) and not math.isnan(elapsed):
+        state.elapsed, state.received = elapsed, now
+    handler = HANDLERS.get(type(event))
+    if handler is not None:
+        handler(state, event)
+    if isinstance(event, LISTED):
+        line = format_event(event)
         if line is not None:
             state.events.append(line)
 
@@ -296,8 +301,8 @@ def render(state: DashboardState, in_flight: int = 0, now: float | None = None, 
     next_checkpoint = _time_to_next(state.checkpoint_interval, state.last_checkpoint, elapsed, state.round)
     health_lines = [
         f"held-out best: {versus}",
-        *([f"unseen families: best {state.unseen['best']:.3f} vs Adam best fixed lr "
-           f"{state.unseen['adam_best_fixed']:.3f}; per-task tuned {state.unseen['adam_tuned']:.3f}"]
+        *([f"unseen families: best {state.unseen.best:.3f} vs Adam best fixed lr "
+           f"{state.unseen.adam_best_fixed:.3f}; per-task tuned {state.unseen.adam_tuned:.3f}"]
           if state.unseen else []),
         f"inner steps/s {_count(rate)} ({_count(rate / workers)} per core, {state.workers} workers)   "
         f"units in flight {in_flight}   worker restarts {state.worker_restarts}   failed units {state.failed_units}",
@@ -326,7 +331,7 @@ def render(state: DashboardState, in_flight: int = 0, now: float | None = None, 
 
 
 class LiveDashboard:
-    """A reporter (``dashboard(record)``) that shows a rich ``Live`` screen while open."""
+    """A reporter (``dashboard(event)``) that shows a rich ``Live`` screen while open."""
 
     def __init__(self, in_flight=lambda: 0, console: Console | None = None, refresh_per_second: float = 4.0):
         self.state = DashboardState()
@@ -336,9 +341,9 @@ class LiveDashboard:
         self.console = console or Console()
         self.live = Live(console=self.console, get_renderable=self._snapshot, refresh_per_second=refresh_per_second)
 
-    def __call__(self, record: dict) -> None:
+    def __call__(self, event: ev.Event) -> None:
         with self.lock:
-            apply(self.state, record)
+            apply(self.state, event)
 
     def _snapshot(self) -> Group:
         with self.lock:
@@ -357,7 +362,7 @@ class LiveDashboard:
 def watch(events: str, follow: bool = True, seconds: float = 0.0) -> None:
     """Show the live dashboard of the run whose ``events.jsonl`` is ``events``
     (from another terminal, or another node on the shared filesystem): its
-    records so far, then new ones as the master appends them (``follow``),
+    events so far, then new ones as the master appends them (``follow``),
     for ``seconds`` (0: until Ctrl-C)."""
     import json
     from pathlib import Path
@@ -373,7 +378,9 @@ def watch(events: str, follow: bool = True, seconds: float = 0.0) -> None:
                         if not line.endswith(b"\n"):
                             break  # the master is still writing it
                         position += len(line)
-                        dashboard(json.loads(line))
+                        event = ev.from_record(json.loads(line))
+                        if event is not None:
+                            dashboard(event)
                 if (seconds and time.time() - started >= seconds) or not (follow or seconds):
                     return
                 time.sleep(0.5)

@@ -49,27 +49,29 @@ def figure2(curves, out: Path, title: str = "") -> None:
     plt.close(figure)
 
 
-def history_figure(records: list[dict], out: Path) -> None:
+def history_figure(events: list, out: Path) -> None:
     """Each member's held-out loss over run time, PBT exploits and rollbacks marked."""
+    from selfloop.events import Eval, Rollback, Round, Tournament
+
     plt = _pyplot()
-    evals = [r for r in records if r["kind"] == "eval"]
-    minutes = [e["elapsed"] / 60 for e in evals]
+    evals = [e for e in events if isinstance(e, Eval)]
+    minutes = [e.elapsed / 60 for e in evals]
     figure, axis = plt.subplots(figsize=(10, 5.5))
-    for i in range(len(evals[0]["members"])):
-        axis.plot(minutes, [e["members"][i] for e in evals], lw=0.8, alpha=0.6, label=f"m{i}")
-    axis.plot(minutes, [e["best"] for e in evals], color="black", lw=2.2, label="best member")
-    champion = [(t, e["champion"]) for t, e in zip(minutes, evals) if e.get("champion") is not None]
+    for i in range(len(evals[0].members)):
+        axis.plot(minutes, [e.members[i] for e in evals], lw=0.8, alpha=0.6, label=f"m{i}")
+    axis.plot(minutes, [e.best for e in evals], color="black", lw=2.2, label="best member")
+    champion = [(t, e.champion) for t, e in zip(minutes, evals) if e.champion is not None]
     if champion:
         axis.plot(*zip(*champion), color="tab:orange", lw=1.6, ls="--", label="PBT champion")
-    running = [min(e["best"] for e in evals[: k + 1]) for k in range(len(evals))]
+    running = [min(e.best for e in evals[: k + 1]) for k in range(len(evals))]
     axis.plot(minutes, [1.5 * m + 0.05 for m in running], color="grey", ls=":", label="1.5 x running min + 0.05")
-    axis.axhline(evals[-1]["adam_best_fixed"], color="tab:blue", ls="--", label="Adam, best fixed lr")
-    axis.axhline(evals[-1]["adam_tuned"], color="navy", ls="-.", label="Adam, tuned per task")
-    by_round = {r["round"]: r["elapsed"] for r in records if r["kind"] == "round"}
-    for kind, marker, color, label in (("pbt", "|", "tab:green", "PBT exploit"),
-                                       ("rollback", "x", "tab:red", "guard rollback")):  # fmt: skip
-        # Rollback records carry only a round: place them at that round's time.
-        times = [r.get("elapsed", by_round.get(r["round"])) for r in records if r["kind"] == kind]
+    axis.axhline(evals[-1].adam_best_fixed, color="tab:blue", ls="--", label="Adam, best fixed lr")
+    axis.axhline(evals[-1].adam_tuned, color="navy", ls="-.", label="Adam, tuned per task")
+    by_round = {e.round: e.elapsed for e in events if isinstance(e, Round)}
+    for kind, marker, color, label in ((Tournament, "|", "tab:green", "PBT exploit"),
+                                       (Rollback, "x", "tab:red", "guard rollback")):  # fmt: skip
+        # Rollbacks carry only a round: place them at that round's time.
+        times = [by_round.get(e.round) for e in events if isinstance(e, kind)]
         times = [t / 60 for t in times if t is not None]
         axis.plot(times, [0.02] * len(times), marker, color=color, ms=8, ls="none", label=label)
     axis.set(xlabel="run time (minutes)", ylabel="held-out mean normalized loss", ylim=(0, 1.6),

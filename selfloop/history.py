@@ -12,21 +12,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selfloop.baselines import ADAM_LEARNING_RATES
-from selfloop.events import read_events
+from selfloop.events import Eval, Event, Round, read_events
 
 
-def first_time_below(evals: list[dict], threshold_key: str) -> float | None:
-    """Elapsed seconds of the first evaluation whose best member beat ``threshold_key``."""
-    return next((e["elapsed"] for e in evals if e["best"] < e[threshold_key]), None)
+def first_time_below(evals: list[Eval], threshold: str) -> float | None:
+    """Elapsed seconds of the first evaluation whose best member beat Adam's ``threshold``
+    (``"adam_best_fixed"`` or ``"adam_tuned"``)."""
+    return next((e.elapsed for e in evals if e.best < getattr(e, threshold)), None)
 
 
-def inner_steps_at_evals(records: list[dict]) -> list[int]:
+def of_type(events: list[Event], kind: type) -> list:
+    return [e for e in events if isinstance(e, kind)]
+
+
+def inner_steps_at_evals(events: list[Event]) -> list[int]:
     """Inner training steps the run had taken at each evaluation (those of its last round before it)."""
     steps, at_evals = 0, []
-    for record in records:
-        if record["kind"] == "round":
-            steps = record.get("inner_steps", steps)
-        elif record["kind"] == "eval":
+    for event in events:
+        if isinstance(event, Round):
+            steps = event.inner_steps
+        elif isinstance(event, Eval):
             at_evals.append(steps)
     return at_evals
 
@@ -44,83 +49,83 @@ class RailUse:
         return self.shortened / max(self.outer_steps, 1)
 
 
-def rail_use(records: list[dict]) -> RailUse:
-    rounds = [r for r in records if r["kind"] == "round"]
+def rail_use(events: list[Event]) -> RailUse:
+    rounds = of_type(events, Round)
     return RailUse(
-        outer_steps=sum(r.get("outer_steps", len(r.get("meta_loss", ()))) for r in rounds),  # older logs: one a member
-        shortened=sum(r.get("shortened", 0) for r in rounds),
-        rejected=sum(r.get("rejected", 0) for r in rounds),
+        outer_steps=sum(len(r.meta_loss) if r.outer_steps is None else r.outer_steps for r in rounds),
+        shortened=sum(r.shortened for r in rounds),
+        rejected=sum(r.rejected for r in rounds),
     )
 
 
-def latest_series(records: list[dict]) -> tuple[list[dict], list[int], int]:
+def latest_series(events: list[Event]) -> tuple[list[Eval], list[int], int]:
     """The evaluations on the run's latest held-out set (a resume with other
     eval.* settings starts a new series), the inner steps at each, and how
     many earlier series there were."""
-    evals = [r for r in records if r["kind"] == "eval"]
-    steps = inner_steps_at_evals(records)
-    sets = [e.get("heldout_set") for e in evals]  # older logs: None throughout
+    evals = of_type(events, Eval)
+    steps = inner_steps_at_evals(events)
+    sets = [e.heldout_set for e in evals]  # older logs: None throughout
     changes = [i for i in range(1, len(sets)) if sets[i] != sets[i - 1]]
     first = changes[-1] if changes else 0
     return evals[first:], steps[first:], len(changes)
 
 
-def summary(records: list[dict]) -> str:
+def summary(events: list[Event]) -> str:
     """A plain-text table of the held-out evaluations of one run (its latest held-out series)."""
-    evals, steps_at, earlier = latest_series(records)
+    evals, steps_at, earlier = latest_series(events)
     if not evals:
         return "no evaluations in this log"
     lines = [f"{'round':>6} {'elapsed s':>10} {'inner M':>8} {'best member':>12} {'best loss':>10} {'median':>8} "
              f"{'champion':>9}"]
     if earlier:
-        lines.insert(0, f"held-out set {evals[0].get('heldout_set')} since round {evals[0]['round']}: "
+        lines.insert(0, f"held-out set {evals[0].heldout_set} since round {evals[0].round}: "
                         f"{earlier} earlier series on other held-out settings are not shown")
     for e, steps in zip(evals, steps_at):
-        members = sorted(e["members"])
-        champion = e.get("champion")  # logs before the champion was evaluated lack it
+        members, champion = sorted(e.members), e.champion
         lines.append(
-            f"{e['round']:>6} {e['elapsed']:>10.1f} {steps / 1e6:>8.2f} {'m' + str(e['best_member']):>12} "
-            f"{e['best']:>10.3f} {members[len(members) // 2]:>8.3f} {'-' if champion is None else f'{champion:.3f}':>9}"
+            f"{e.round:>6} {e.elapsed:>10.1f} {steps / 1e6:>8.2f} {'m' + str(e.best_member):>12} "
+            f"{e.best:>10.3f} {members[len(members) // 2]:>8.3f} {'-' if champion is None else f'{champion:.3f}':>9}"
         )
     first, last = evals[0], evals[-1]
-    rails = rail_use(records)
+    rails = rail_use(events)
     lines.append("")
     lines.append(f"outer steps: {rails.outer_steps}; shortened by the step rail {rails.shortened_fraction:.1%}, "
                  f"rejected as non-finite {rails.rejected}")
-    scales = next((r["step_scale"] for r in reversed(records) if r["kind"] == "round" and "step_scale" in r), None)
+    scales = next((r.step_scale for r in reversed(of_type(events, Round)) if r.step_scale), None)
     if scales:
         lines.append(f"outer step scales (PBT-explored), last round: median {sorted(scales)[len(scales) // 2]:.3g}, "
                      f"range {min(scales):.3g}-{max(scales):.3g}")
     lines.append(
-        f"best member, held-out mean normalized loss: start {first['best']:.3f} -> end {last['best']:.3f} "
-        f"(x{first['best'] / max(last['best'], 1e-12):.2f} lower); lowest seen {min(e['best'] for e in evals):.3f}"
+        f"best member, held-out mean normalized loss: start {first.best:.3f} -> end {last.best:.3f} "
+        f"(x{first.best / max(last.best, 1e-12):.2f} lower); lowest seen {min(e.best for e in evals):.3f}"
     )
     lines.append("Adam on the same tasks (mean normalized loss):")
-    for rate, value in zip(ADAM_LEARNING_RATES, last["adam_fixed"]):
+    for rate, value in zip(ADAM_LEARNING_RATES, last.adam_fixed):
         lines.append(f"  lr {rate:<8.2g} {value:.3f}")
-    lines.append(f"  best fixed lr {last['adam_best_fixed']:.3f}   per-task tuned {last['adam_tuned']:.3f}")
-    if last.get("unseen"):
-        unseen = last["unseen"]
-        lines.append(f"families left out of training, last evaluation: best member {unseen['best']:.3f}; Adam best "
-                     f"fixed lr {unseen['adam_best_fixed']:.3f}, per-task tuned {unseen['adam_tuned']:.3f}")
+    lines.append(f"  best fixed lr {last.adam_best_fixed:.3f}   per-task tuned {last.adam_tuned:.3f}")
+    if last.unseen:
+        unseen = last.unseen
+        lines.append(f"families left out of training, last evaluation: best member {unseen.best:.3f}; Adam best "
+                     f"fixed lr {unseen.adam_best_fixed:.3f}, per-task tuned {unseen.adam_tuned:.3f}")
     for label, key in (("best fixed-lr Adam", "adam_best_fixed"), ("per-task tuned Adam", "adam_tuned")):
         when = first_time_below(evals, key)
         lines.append(f"first beat {label}: " + (f"{when:.0f} s" if when is not None else "not within this run"))
     return "\n".join(lines)
 
 
-def within(records: list[dict], minutes: float | None) -> list[dict]:
-    """The records of the first ``minutes`` of run time (all when None): a shorter budget, read
+def within(events: list[Event], minutes: float | None) -> list[Event]:
+    """The events of the first ``minutes`` of run time (all when None): a shorter budget, read
     from a longer run (stopping a run later does not change its first minutes). A run stopped
     by its budget finishes the round under way and then evaluates it, after the budget has run
     out; that evaluation belongs to the budget too."""
     if minutes is None:
-        return records
+        return events
     limit = 60.0 * minutes
-    rounds_past = (r["round"] for r in records if r["kind"] == "round" and r["elapsed"] > limit)
+    rounds_past = (r.round for r in of_type(events, Round) if r.elapsed > limit)
     last_round = next(rounds_past, math.inf)  # the round under way when the budget ran out
-    return [r for r in records
-            if r.get("elapsed", 0.0) <= limit or (r["kind"] == "eval" and r["round"] <= last_round)]  # fmt: skip
+    # Events without a run time (a start, progress) and a tournament's nan pass the test below.
+    return [e for e in events
+            if not getattr(e, "elapsed", 0.0) > limit or (isinstance(e, Eval) and e.round <= last_round)]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -135,43 +140,43 @@ class Stability:
     lowest_best: float
 
 
-def stability(evals: list[dict]) -> Stability:
+def stability(evals: list[Eval]) -> Stability:
     """Evaluations come every eval interval (120 s by default); a violating one is
     counted as lasting until the next, so any violation counts as one longer
     than a PBT interval (1 s by default), the criterion's strictest reading."""
-    start = evals[0]["best"]
-    starting = evals[0]["members"]
+    start = evals[0].best
+    starting = evals[0].members
     halved_at, running_min, violations, worst, collapses, collapsed = None, math.inf, 0, 0.0, 0, False
     for e in evals:
-        running_min = min(running_min, e["best"])
-        if halved_at is None and e["best"] < 0.5 * start:
-            halved_at = e["elapsed"]
+        running_min = min(running_min, e.best)
+        if halved_at is None and e.best < 0.5 * start:
+            halved_at = e.elapsed
         if halved_at is not None:
             limit = 1.5 * running_min + 0.05
-            worst = max(worst, e["best"] / limit)
-            violations += e["best"] > limit
-        now_collapsed = all(m > s for m, s in zip(e["members"], starting))
+            worst = max(worst, e.best / limit)
+            violations += e.best > limit
+        now_collapsed = all(m > s for m, s in zip(e.members, starting))
         collapses += now_collapsed and not collapsed
         collapsed = now_collapsed
-    return Stability(halved_at, violations, worst, collapses, evals[-1]["best"], min(e["best"] for e in evals))
+    return Stability(halved_at, violations, worst, collapses, evals[-1].best, min(e.best for e in evals))
 
 
-def ablation_table(runs: dict[str, list[dict]]) -> str:
+def ablation_table(runs: dict[str, list[Event]]) -> str:
     """One markdown row per run: time to beat Adam, collapses, final best."""
     lines = [
         "| run | minutes | inner steps (M) | first beat best fixed-lr Adam | first beat tuned Adam | collapses "
         "| criterion violations | lowest best | final best |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, records in runs.items():
-        evals = [r for r in records if r["kind"] == "eval"]
+    for name, events in runs.items():
+        evals = of_type(events, Eval)
         result = stability(evals)
         beat_fixed, beat_tuned = (first_time_below(evals, k) for k in ("adam_best_fixed", "adam_tuned"))
         when = [f"{t / 60:.1f} min" if t is not None else "never" for t in (beat_fixed, beat_tuned)]
         # The training work the budget bought: what a mechanism's own cost in time took away.
-        inner_steps = max((r.get("inner_steps", 0) for r in records if r["kind"] == "round"), default=0)
+        inner_steps = max((r.inner_steps for r in of_type(events, Round)), default=0)
         lines.append(
-            f"| {name} | {evals[-1]['elapsed'] / 60:.0f} | {inner_steps / 1e6:.1f} | {when[0]} | {when[1]} "
+            f"| {name} | {evals[-1].elapsed / 60:.0f} | {inner_steps / 1e6:.1f} | {when[0]} | {when[1]} "
             f"| {result.collapses} | {result.violations} | {result.lowest_best:.3f} | {result.final_best:.3f} |"
         )
     return "\n".join(lines)
@@ -190,9 +195,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.events:
         parser.error("give an events.jsonl or --ablation")
-    records = within(read_events(args.events), args.minutes)
-    print(summary(records))
-    evals = [r for r in records if r["kind"] == "eval"]
+    events = within(read_events(args.events), args.minutes)
+    print(summary(events))
+    evals = of_type(events, Eval)
     if evals:
         result = stability(evals)
         halved = "never" if result.halved_at is None else f"at {result.halved_at:.0f} s"
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         from selfloop.figures import PlotExtraMissing, history_figure
 
         try:
-            history_figure(records, args.plot)
+            history_figure(events, args.plot)
         except PlotExtraMissing as missing:
             parser.exit(2, f"error: --plot: {missing}\n")
         print(f"figure: {args.plot}")

@@ -29,46 +29,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
 from selfloop.config import Config
 from selfloop.curves import CurveUnit, run_curve_unit, stack_thetas
+from selfloop.events import Tournament
 from selfloop.population import is_finite_member
 from selfloop.state import Champion, GuardState, Member, adopt, snapshot
 from selfloop.tasks.normalize import ratio_to_initial
 from selfloop.tasks.sampler import sample_training_task
-
-
-@dataclass(frozen=True)
-class PBTEvent:
-    """One tournament, as written to the event log."""
-
-    time: float
-    round: int
-    winner: int
-    loser: int
-    winner_score: float
-    loser_score: float
-    copied: tuple[str, ...]  # what the loser took from the winner
-    outer_redrawn: bool
-    outer_index: int  # the loser's outer optimizer after the event
-    truncation_redrawn: bool
-    truncation: int  # the loser's K after the event
-    source: str = "winner"  # what the loser copied: "winner" or "champion"
-    champion_score: float = float("nan")  # the champion's score on the same tasks (nan: none yet)
-    champion_replaced: bool = False  # the winner beat the champion and became it
-    # The challenge on further tasks (nan: no challenge, or confirmation off).
-    confirm_winner_score: float = float("nan")
-    confirm_champion_score: float = float("nan")
-    confirm_t: float = float("nan")  # the winner's mean advantage there, in standard errors
-    restore_t: float = float("nan")  # the champion's mean advantage over the winner on the tournament's tasks
-    step_scale: float = 1.0  # the loser's outer step scale after the event
-
-    def as_record(self) -> dict:
-        return {"kind": "pbt", **asdict(self)}
-
 
 COPIED = ("theta", "outer_index", "outer_state", "step_scale")
 
@@ -190,7 +161,7 @@ def tournament(
     event_index: int,
     round_index: int,
     champion: Champion | None = None,
-) -> tuple[PBTEvent | None, Champion | None]:
+) -> tuple[Tournament | None, Champion | None]:
     """Run one tournament; returns its event (``None`` when neither member may
     be copied) and the champion after it (``None`` while ``pbt.champion`` is off).
 
@@ -228,7 +199,7 @@ def tournament(
     outer_redrawn, truncation_redrawn = explore(rng, members[loser], len(members), config.population.truncations,
                                                 pbt.p_outer_redraw, pbt.p_truncation_redraw, pbt.step_scale_factor)
     members[loser].last_event = f"copied {'champion' if from_champion else f'm{winner}'} @r{round_index}"
-    return PBTEvent(
+    return Tournament(
         time=time.time(),
         round=round_index,
         winner=winner,

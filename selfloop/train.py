@@ -4,26 +4,26 @@ One round gives every member one outer step: its units (one per persistent
 inner problem) run on the farm from a snapshot of the population, then every
 member is updated by its outer optimizer's lopt. PBT scoring, held-out
 evaluation and the Adam reference are farm units too, so the master only
-dispatches and applies outer steps. Everything observable leaves through
-``report(record)`` as a plain dict, also appended to ``events.jsonl``.
+dispatches and applies outer steps. Everything observable leaves as a typed
+event (``selfloop.events``), reported and appended to ``events.jsonl``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from selfloop import guard
+from selfloop import events, guard
 from selfloop.config import Config, config_to_dict
 from selfloop.evaluate import EvaluationFailed, adam_reference, evaluate_members
 from selfloop.events import EventLog, Report
@@ -39,10 +39,9 @@ from selfloop.tasks.sampler import heldout_tasks, unseen_family_tasks
 from selfloop.work import UnitResult, WorkUnit, run_unit, warm_up
 
 HISTORY_SHOWN = 40  # held-out scores per member repeated in a resume record (the dashboard's trend)
-NAN_EVAL = {"best": float("nan"), "adam_best_fixed": float("nan"), "adam_tuned": float("nan")}
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Cadence:
     """Due every ``seconds`` of run time and/or every ``rounds`` rounds (0: not by that measure)."""
 
@@ -80,14 +79,19 @@ def absorb_results(state: RunState, results: Iterable[UnitResult], pairs: int) -
     return gradients
 
 
-def _scores_record(result, size: int, has_champion: bool) -> dict:
+def _floats(values) -> tuple[float, ...]:
+    return tuple(float(v) for v in values)
+
+
+def held_out_scores(result, size: int, has_champion: bool) -> events.Scores:
     """Members' (and the champion's) mean normalized held-out loss beside Adam's on the same tasks."""
     scores = result.members[:size]
-    return {
-        "members": scores, "best": float(scores.min()),
-        "champion": float(result.members[size]) if has_champion else None,
-        "adam_fixed": result.adam_fixed, "adam_best_fixed": result.best_fixed_adam, "adam_tuned": result.adam_tuned,
-    }  # fmt: skip
+    return events.Scores(
+        members=_floats(scores), best=float(scores.min()),
+        champion=float(result.members[size]) if has_champion else None,
+        adam_fixed=_floats(result.adam_fixed), adam_best_fixed=float(result.best_fixed_adam),
+        adam_tuned=float(result.adam_tuned),
+    )  # fmt: skip
 
 
 class Trainer:
@@ -143,12 +147,13 @@ class Trainer:
         on always has something to resume from."""
         resumed_from = None if found is None else found[0].round
         if self.log.torn_bytes:
-            self.log.report({"kind": "progress", "message": f"{self.log.path}: cut a half-written last line "
-                                                            f"({self.log.torn_bytes} bytes) left by a crash"})
-        self.log({"kind": "start", "config": config_to_dict(self.config), "heldout_set": self.heldout_set,
-                  "heldout": [s.describe() for s in self.heldout], "unseen": [s.describe() for s in self.unseen],
-                  "workers": self.farm.stats.workers,
-                  "run_dir": str(self.run_dir), "resumed_from": resumed_from})
+            self.log.report(events.Progress(f"{self.log.path}: cut a half-written last line "
+                                            f"({self.log.torn_bytes} bytes) left by a crash"))
+        self.log(events.Start(
+            config=config_to_dict(self.config), heldout_set=self.heldout_set,
+            heldout=tuple(s.describe() for s in self.heldout), unseen=tuple(s.describe() for s in self.unseen),
+            workers=self.farm.stats.workers, run_dir=str(self.run_dir), resumed_from=resumed_from,
+        ))
         if found is None:
             state = self.new_state()
             self.started = time.time()
@@ -159,19 +164,20 @@ class Trainer:
             for member in state.members:
                 member.history = []
             state.first_best = float("nan")
-            self.log({"kind": "heldout_changed", "round": state.round, "before": state.heldout_set,
-                      "after": self.heldout_set})
+            self.log(events.HeldoutChanged(state.round, before=state.heldout_set, after=self.heldout_set))
         state.heldout_set = self.heldout_set
-        self.log({"kind": "resume", "round": state.round, "elapsed": state.elapsed, "path": path.name,
-                  "histories": [m.history[-HISTORY_SHOWN:] for m in state.members],
-                  "last_event": [m.last_event for m in state.members]})
+        self.log(events.Resume(
+            state.round, state.elapsed, path.name, histories=tuple(_floats(m.history[-HISTORY_SHOWN:])
+                                                                   for m in state.members),
+            last_event=tuple(m.last_event for m in state.members),
+        ))
         return state
 
     @contextlib.contextmanager
     def phase(self, message: str):
         """Log that ``message``'s phase begins and show the farm's progress through it."""
-        self.log({"kind": "progress", "message": message})
-        shown = PhaseProgress(lambda text: self.log.show({"kind": "progress", "message": text}), message.split(":")[0])
+        self.log(events.Progress(message))
+        shown = PhaseProgress(lambda text: self.log.show(events.Progress(text)), message.split(":")[0])
         with reporting_progress(self.farm, shown):
             yield
 
@@ -187,8 +193,7 @@ class Trainer:
                 self.unseen_reference = adam_reference(self.unseen, cfg.steps, cfg.chunk, self.farm.map,
                                                        self.run_dir)
         fixed, tuned = self.reference.summary
-        self.log({"kind": "reference", "heldout_set": self.heldout_set, "adam_best_fixed": float(np.min(fixed)),
-                  "adam_tuned": float(tuned)})
+        self.log(events.Reference(self.heldout_set, adam_best_fixed=float(np.min(fixed)), adam_tuned=float(tuned)))
 
     def new_state(self) -> RunState:
         return RunState(
@@ -196,7 +201,7 @@ class Trainer:
             heldout_set=self.heldout_set,
         )
 
-    def evaluate(self, state: RunState) -> dict | None:
+    def evaluate(self, state: RunState) -> events.Eval | None:
         """Held-out evaluation of every member, and of the PBT champion beside
         them (never a member's score; what ``export --member champion`` would
         ship); None (and an event) if a unit failed."""
@@ -214,7 +219,7 @@ class Trainer:
                                               cfg.chunk, self.unseen_reference)
         except EvaluationFailed as error:
             state.last_eval_time, state.last_eval_round = self.run_time(), state.round  # due again at its cadence
-            self.log({"kind": "eval_failed", "round": state.round, "error": str(error)[-2000:]})
+            self.log(events.EvalFailed(state.round, str(error)[-2000:]))
             return None
         size = len(state.members)
         scores = result.members[:size]
@@ -222,15 +227,16 @@ class Trainer:
             member.history.append(float(score))
         if math.isnan(state.first_best):  # the series' first evaluation
             state.first_best = float(scores.min())
-        record = {
-            "kind": "eval", "round": state.round, "elapsed": self.run_time(), "heldout_set": self.heldout_set,
-            **_scores_record(result, size, champion is not None),
-            "best_member": int(np.argmin(scores)), "members_final": result.members_final[:size],
-            "unseen": None if unseen is None else _scores_record(unseen, size, champion is not None),
-        }
+        has_champion = champion is not None
+        unseen_scores = None if unseen is None else held_out_scores(unseen, size, has_champion)
+        event = events.Eval(
+            **vars(held_out_scores(result, size, has_champion)), round=state.round, elapsed=self.run_time(),
+            best_member=int(np.argmin(scores)), members_final=_floats(result.members_final[:size]),
+            heldout_set=self.heldout_set, unseen=unseen_scores,
+        )
         state.last_eval_time, state.last_eval_round = self.run_time(), state.round
-        self.log(record)
-        return record
+        self.log(event)
+        return event
 
     def _run_units(self, state: RunState) -> list[UnitResult]:
         """Every member's units on the farm; failures become events, not losses."""
@@ -242,8 +248,7 @@ class Trainer:
         self._unit_seconds.update({(o.member, o.slot): o.seconds for o in outcomes if isinstance(o, UnitResult)})
         for failure in (o for o in outcomes if isinstance(o, UnitFailure)):
             unit = units[failure.index]
-            self.log({"kind": "unit_failed", "round": state.round, "member": unit.member, "slot": unit.slot,
-                      "attempts": failure.attempts, "error": failure.error[-2000:]})
+            self.log(events.UnitFailed(state.round, unit.member, unit.slot, failure.attempts, failure.error[-2000:]))
         return [o for o in outcomes if not isinstance(o, UnitFailure)]
 
     def _guard(self, state: RunState, gradients: dict[int, list]) -> None:
@@ -259,8 +264,7 @@ class Trainer:
             guard.roll_back(member, trainer_index)
             member.last_event = f"rollback @r{state.round}"
             del gradients[i]
-            self.log({"kind": "rollback", "round": state.round, "member": i, "ema": ema,
-                      "best_ema": best_ema, "outer_index": trainer_index})
+            self.log(events.Rollback(state.round, i, ema=ema, best_ema=best_ema, outer_index=trainer_index))
 
     def run_round(self, state: RunState) -> None:
         results = self._run_units(state)
@@ -276,29 +280,29 @@ class Trainer:
         )
         for i, step in steps.items():
             if not bool(step.accepted):
-                self.log({"kind": "rejected", "round": state.round, "member": i,
-                          "reason": "the outer step would have made θ or its state non-finite; θ kept"})
+                self.log(events.Rejected(state.round, i, "the outer step would have made θ or its state non-finite; "
+                                                         "θ kept"))
         state.round += 1
-        self.log({
-            "kind": "round", "round": state.round, "elapsed": self.run_time(),
-            "meta_loss": [m.meta_loss for m in state.members],
-            "outer_index": [m.outer_index for m in state.members],
-            "truncation": [m.truncation for m in state.members],
-            "steps": [m.steps for m in state.members],
-            "age": [m.steps - m.last_exploit_step for m in state.members],  # outer steps since last copied
-            "outer_steps": len(steps),
-            "rejected": int(sum(not bool(s.accepted) for s in steps.values())),
-            "meta_loss_ema": [m.guard.ema for m in state.members],
-            "shortened": int(sum(bool(s.shortened) for s in steps.values())),
-            "step_scale": [m.step_scale for m in state.members],
-            # ‖Δθ‖/‖θ‖ as the outer optimizers proposed it, before the step rail and the step scale.
-            "step_ratio": float(np.median([float(s.step_ratio) for s in steps.values()])) if steps else None,
-            "replaced_tasks": int(sum(r.replaced for r in results)),
-            "failed_units": len(state.members) * self.config.population.tasks_per_member - len(results),
-            "inner_steps": state.inner_steps,
-            "worker_restarts": self.farm.stats.restarts,
-            "compile_seconds": self.compile_seconds(),
-        })
+        members = state.members
+        self.log(events.Round(
+            round=state.round, elapsed=self.run_time(),
+            meta_loss=_floats(m.meta_loss for m in members),
+            outer_index=tuple(m.outer_index for m in members),
+            truncation=tuple(m.truncation for m in members),
+            steps=tuple(m.steps for m in members),
+            age=tuple(m.steps - m.last_exploit_step for m in members),
+            meta_loss_ema=_floats(m.guard.ema for m in members),
+            outer_steps=len(steps),
+            rejected=int(sum(not bool(s.accepted) for s in steps.values())),
+            shortened=int(sum(bool(s.shortened) for s in steps.values())),
+            step_scale=_floats(m.step_scale for m in members),
+            step_ratio=float(np.median([float(s.step_ratio) for s in steps.values()])) if steps else None,
+            replaced_tasks=int(sum(r.replaced for r in results)),
+            failed_units=len(members) * self.config.population.tasks_per_member - len(results),
+            inner_steps=state.inner_steps,
+            worker_restarts=self.farm.stats.restarts,
+            compile_seconds=self.compile_seconds(),
+        ))
 
     def pbt(self, state: RunState) -> None:
         """One PBT tournament (``selfloop.pbt``)."""
@@ -311,24 +315,24 @@ class Trainer:
         state.pbt_events += 1
         state.last_pbt_time, state.last_pbt_round = self.run_time(), state.round
         if event is None:
-            self.log({"kind": "pbt_skipped", "round": state.round, "reason": reason})
+            self.log(events.TournamentSkipped(state.round, reason))
         else:
-            self.log({**event.as_record(), "elapsed": self.run_time()})
+            self.log(dataclasses.replace(event, elapsed=self.run_time()))
 
     def checkpoint(self, state: RunState) -> None:
         """Write a checkpoint now (crash-safe) and log how long it took."""
         write_started = time.time()
-        self.log.show({"kind": "phase", "message": f"writing checkpoint-{state.round:09d}.h5"})  # the screen only
+        self.log.show(events.Phase(f"writing checkpoint-{state.round:09d}.h5"))  # the screen only
         state.elapsed = state.last_checkpoint_time = write_started - self.started
         state.last_checkpoint_round = state.round
         path = write_checkpoint(self.run_dir, state, self.config)
         prune(self.run_dir, self.config.checkpoint.keep)
-        self.log({"kind": "checkpoint", "round": state.round, "elapsed": state.elapsed, "path": path.name,
-                  "seconds": time.time() - write_started, "bytes": path.stat().st_size})
+        self.log(events.Checkpoint(state.round, state.elapsed, path.name, seconds=time.time() - write_started,
+                                   bytes=path.stat().st_size))
 
-    def train(self, state: RunState, max_rounds: int = 0) -> dict:
+    def train(self, state: RunState, max_rounds: int = 0) -> events.Eval | None:
         """Run until the session's time budget, the run's ``max_rounds`` or a
-        stop request; returns the final eval. Each round ends at a consistent
+        stop request; returns the final evaluation (None if it failed or was cut). Each round ends at a consistent
         state (units absorbed, outer steps applied, PBT done), and only there is
         a checkpoint written; a phase the session must end in (a stop request,
         the hard time limit) is cut short and its work dropped, so the state
@@ -339,7 +343,7 @@ class Trainer:
         """
         session = self.session
         self.started = time.time() - state.elapsed
-        last = NAN_EVAL
+        last = None
         try:
             if state.resumed_from is None and state.round == 0:
                 self.evaluate(state)
@@ -353,27 +357,26 @@ class Trainer:
                 # x 10k steps); an evaluation lost to a crash is simply due again after the resume.
                 for job in ("checkpoint", "eval"):
                     self.run_if_due(job, state)
-            last = self.evaluate(state) or NAN_EVAL
+            last = self.evaluate(state)
         except Interrupted:
-            self.log({"kind": "progress", "message": f"{session.reason}: cut the running phase at round "
-                                                     f"{state.round}; keeping the state it started from"})
+            self.log(events.Progress(f"{session.reason}: cut the running phase at round {state.round}; keeping "
+                                     "the state it started from"))
         self.checkpoint(state)
         self.end(state, self.run_time(), session.reason, last)
         return last
 
-    def end(self, state: RunState, elapsed: float, reason: str, last: dict = NAN_EVAL) -> None:
+    def end(self, state: RunState, elapsed: float, reason: str, last: events.Eval | None = None) -> None:
         """Log the session's end: why, and the best held-out loss at its start and at ``last`` (a
         session cut before its final evaluation reports its members' newest scores)."""
-        if math.isnan(last["best"]):
-            last = self._newest_scores(state)
-        self.log({"kind": "end", "round": state.round, "elapsed": elapsed, "reason": reason,
-                  "start_best": state.first_best, "end_best": last["best"],
-                  "adam_best_fixed": last["adam_best_fixed"], "adam_tuned": last["adam_tuned"]})
+        best, fixed, tuned = (last.best, last.adam_best_fixed, last.adam_tuned) if last else self._newest_scores(state)
+        self.log(events.End(state.round, elapsed, reason, start_best=state.first_best, end_best=best,
+                            adam_best_fixed=fixed, adam_tuned=tuned))
 
-    def _newest_scores(self, state: RunState) -> dict:
-        """The members' newest held-out scores beside Adam's (NaN where there are none yet)."""
+    def _newest_scores(self, state: RunState) -> tuple[float, float, float]:
+        """The members' newest best held-out score, Adam's best fixed rate and tuned
+        (NaN where there are none yet)."""
         newest = [m.history[-1] for m in state.members if m.history]
         if not newest or self.reference is None:
-            return NAN_EVAL
+            return math.nan, math.nan, math.nan
         fixed, tuned = self.reference.summary
-        return {"best": min(newest), "adam_best_fixed": float(np.min(fixed)), "adam_tuned": tuned}
+        return min(newest), float(np.min(fixed)), float(tuned)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from selfloop.config import ConfigError, config_to_dict
-from selfloop.events import cut_torn_line, read_events
+from selfloop.events import cut_torn_line, from_record, read_events
 from selfloop.history import latest_series, summary
 from selfloop.store.checkpoint import (
     CheckpointError,
@@ -276,13 +276,13 @@ def test_kill_9_at_random_moments_always_leaves_a_resumable_checkpoint(smoke_con
     stdout, stderr = master.communicate(timeout=300)
     assert master.returncode == 0, stderr[-3000:]
     assert newest.name in stderr
-    records = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    resumes = [r for r in records if r["kind"] == "resume"]
+    records = [from_record(json.loads(line)) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    resumes = [r for r in records if r.kind == "resume"]
     # Each master resumed from the newest checkpoint its predecessor left.
-    assert [r["round"] for r in resumes] == [*rounds_seen[:-1], resumed_round]
-    assert resumes[-1]["path"] == previous.name
-    assert records[-1]["kind"] == "end" and records[-1]["round"] == resumed_round + 2
-    assert any(r["kind"] == "checkpoint_skipped" and r["path"] == newest.name for r in records)
+    assert [r.round for r in resumes] == [*rounds_seen[:-1], resumed_round]
+    assert resumes[-1].path == previous.name
+    assert records[-1].kind == "end" and records[-1].round == resumed_round + 2
+    assert any(r.kind == "checkpoint_skipped" and r.path == newest.name for r in records)
 
 
 def test_reading_a_checkpoint_before_any_training_leaves_no_tracer_behind(smoke_config):
@@ -315,12 +315,12 @@ def test_families_left_out_of_training_are_evaluated_beside_the_heldout_set(smok
     trainer.prepare()
     state = trainer.begin(None)
     trainer.train(state, max_rounds=2)
-    evals = [r for r in records if r["kind"] == "eval"]
-    assert evals and all(len(e["unseen"]["members"]) == config.population.size for e in evals)
-    assert all(e["unseen"]["members"] is not e["members"] for e in evals)
-    assert np.all(np.isfinite(evals[-1]["unseen"]["members"])) and evals[-1]["unseen"]["adam_tuned"] <= 1.0
+    evals = [r for r in records if r.kind == "eval"]
+    assert evals and all(len(e.unseen.members) == config.population.size for e in evals)
+    assert all(e.unseen.members is not e.members for e in evals)
+    assert np.all(np.isfinite(evals[-1].unseen.members)) and evals[-1].unseen.adam_tuned <= 1.0
     # Held-out sets differ by family, so the two columns are different numbers.
-    assert not np.allclose(evals[-1]["unseen"]["members"], evals[-1]["members"])
+    assert not np.allclose(evals[-1].unseen.members, evals[-1].members)
 
 
 def test_a_torn_last_line_of_the_event_log_is_cut_before_the_next_session_writes(tmp_path):
@@ -347,8 +347,8 @@ def test_a_resume_with_another_heldout_set_starts_a_new_labelled_series(smoke_co
     lines = (tmp_path / "events.jsonl").read_text().splitlines()
     assert [json.loads(line)["kind"] for line in lines].count("start") == 2  # the torn line was cut, not glued
     records = read_events(tmp_path / "events.jsonl")
-    changed = [r for r in records if r["kind"] == "heldout_changed"]
-    assert len(changed) == 1 and changed[0]["before"] == first.heldout_set != second.heldout_set
+    changed = [r for r in records if r.kind == "heldout_changed"]
+    assert len(changed) == 1 and changed[0].before == first.heldout_set != second.heldout_set
     evals, _, earlier = latest_series(records)
-    assert earlier == 1 and {e["heldout_set"] for e in evals} == {second.heldout_set}
-    assert evals[0]["round"] >= 2 and "1 earlier series" in summary(records)
+    assert earlier == 1 and {e.heldout_set for e in evals} == {second.heldout_set}
+    assert evals[0].round >= 2 and "1 earlier series" in summary(records)

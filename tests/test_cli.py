@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from selfloop.events import from_record, read_events
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -29,11 +31,12 @@ def test_smoke_run_writes_every_kind_of_event_resumes_and_starts_fresh_on_reques
     run_dir = tmp_path / "run"
     result = _run_in(tmp_path, "--checkpoint-dir", str(run_dir), "--dashboard", "plain")
     assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    kinds = [r["kind"] for r in records]
+    records = [from_record(json.loads(line)) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    kinds = [r.kind for r in records]
     assert kinds[0] == "start" and kinds[-1] == "end"
     assert kinds.count("round") == 4 and "pbt" in kinds and kinds.count("eval") >= 2
-    pbt = next(r for r in records if r["kind"] == "pbt")
+    pbt = next(json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()
+               if '"kind": "pbt"' in line)  # fmt: skip
     assert {
         "time",
         "round",
@@ -52,16 +55,16 @@ def test_smoke_run_writes_every_kind_of_event_resumes_and_starts_fresh_on_reques
     # The same directory again resumes from round 4 (max_rounds counts the whole run).
     again = _run_in(tmp_path, "--checkpoint-dir", str(run_dir), "--max-rounds", "6")
     assert again.returncode == 0, again.stderr[-3000:]
-    records = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in records if r["kind"] == "resume"] == [4]
-    assert records[-1]["kind"] == "end" and records[-1]["round"] == 6
+    records = [from_record(json.loads(line)) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [r.round for r in records if r.kind == "resume"] == [4]
+    assert records[-1].kind == "end" and records[-1].round == 6
 
     fresh = _run_in(tmp_path, "--checkpoint-dir", str(run_dir), "--fresh", "--max-rounds", "1")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     (previous,) = run_dir.glob("previous-*")  # the first run is kept whole, not overwritten
     assert (previous / "events.jsonl").exists() and (previous / "checkpoint-000000006.h5").exists()
-    records = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    assert "resume" not in [r["kind"] for r in records] and records[-1]["round"] == 1
+    records = [from_record(json.loads(line)) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert "resume" not in [r.kind for r in records] and records[-1].round == 1
 
 
 def test_seed_changes_the_run(tmp_path):
@@ -70,8 +73,8 @@ def test_seed_changes_the_run(tmp_path):
         run_dir = tmp_path / f"s{seed}"
         result = _run_in(tmp_path, "--checkpoint-dir", str(run_dir), "--seed", str(seed), "--max-rounds", "1")
         assert result.returncode == 0, result.stderr[-3000:]
-        rounds = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
-        outputs.append([r["meta_loss"] for r in rounds if r["kind"] == "round"])
+        rounds = read_events(run_dir)
+        outputs.append([r.meta_loss for r in rounds if r.kind == "round"])
     assert outputs[0] != outputs[1]
 
 

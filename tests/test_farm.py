@@ -113,12 +113,12 @@ def test_unit_that_keeps_failing_is_reported_and_skipped(smoke_config, tmp_path)
     real_map = farm.map
     farm.map = lambda fn, items, cost=None: real_map(functools.partial(_fail_for_member, 1, fn), items, cost)
     trainer.run_round(state)
-    failed = [r for r in records if r["kind"] == "unit_failed"]
-    assert len(failed) == smoke_config.population.tasks_per_member and failed[0]["member"] == 1
-    assert failed[0]["attempts"] == 2 and "always fails" in failed[0]["error"]
+    failed = [r for r in records if r.kind == "unit_failed"]
+    assert len(failed) == smoke_config.population.tasks_per_member and failed[0].member == 1
+    assert failed[0].attempts == 2 and "always fails" in failed[0].error
     assert state.members[1].steps == 0
     assert all(m.steps == 1 for i, m in enumerate(state.members) if i != 1)
-    assert records[-1]["kind"] == "round" and records[-1]["failed_units"] == len(failed)
+    assert records[-1].kind == "round" and records[-1].failed_units == len(failed)
 
 
 def _flat(tree):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from selfloop.events import from_record
 from selfloop.farm import WORKER_MEMORY_BYTES, usable_workers
 from selfloop.store.checkpoint import list_checkpoints, read_checkpoint, saved_config
 
@@ -107,13 +108,13 @@ def test_one_ctrl_c_in_any_phase_stops_within_5_s_keeping_the_last_checkpoint(tm
     assert "Traceback" not in output
     newest = list_checkpoints(run_dir)[0]
     state = read_checkpoint(newest, saved_config(newest))  # the last good state, readable
-    records = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    assert records[-1]["kind"] == "end" and records[-1]["reason"].startswith("SIGINT")
-    assert records[-1]["round"] == state.round
-    evaluations = [r for r in records if r["kind"] == "eval"]
+    records = [from_record(json.loads(line)) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert records[-1].kind == "end" and records[-1].reason.startswith("SIGINT")
+    assert records[-1].round == state.round
+    evaluations = [r for r in records if r.kind == "eval"]
     if evaluations:  # cut after an evaluation: the end line reports it, not NaN
-        assert records[-1]["end_best"] == evaluations[-1]["best"]
-        assert records[-1]["adam_best_fixed"] == evaluations[-1]["adam_best_fixed"]
+        assert records[-1].end_best == evaluations[-1].best
+        assert records[-1].adam_best_fixed == evaluations[-1].adam_best_fixed
 
 
 @pytest.mark.slow
@@ -157,8 +158,8 @@ def test_the_time_limit_cuts_a_long_evaluation_and_progress_is_shown(tmp_path, c
     assert result.returncode == 0, result.stderr[-2000:]
     assert took < 0.05 * 60 + 15 + 15, took  # budget + grace + the interpreter's start
     assert "units" in result.stdout  # a phase's progress: "<phase>: done/total units"
-    records = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    assert records[-1]["kind"] == "end" and list_checkpoints(run_dir)
+    records = [from_record(json.loads(line)) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert records[-1].kind == "end" and list_checkpoints(run_dir)
 
 
 def test_workers_are_capped_to_the_cores_and_the_memory_available():

@@ -50,10 +50,10 @@ def test_diverged_member_is_rolled_back_without_spreading(smoke_config, tmp_path
     state.members[victim].theta = theta
     for _ in range(20):
         trainer.run_round(state)
-        if any(r["kind"] == "rollback" and r["member"] == victim for r in records):
+        if any(r.kind == "rollback" and r.member == victim for r in records):
             break
-    rollbacks = [r for r in records if r["kind"] == "rollback"]
-    assert [r["member"] for r in rollbacks] == [victim]
+    rollbacks = [r for r in records if r.kind == "rollback"]
+    assert [r.member for r in rollbacks] == [victim]
     restored = state.members[victim]
     assert restored.guard.rollbacks == 1 and restored.outer_index != victim
     # Back to the θ the lopts had produced before the sabotage.
@@ -74,11 +74,11 @@ def test_member_with_weights_scaled_by_1e6_is_rolled_back_and_its_trainees_stay_
     state.members[victim].theta = jax.tree_util.tree_map(lambda x: np.asarray(x) * 1e6, before_theta)
     trainee_start = jax.tree_util.tree_map(np.array, state.members[trainee].theta)
     rounds = 0
-    while not any(r["kind"] == "rollback" and r["member"] == victim for r in records):
+    while not any(r.kind == "rollback" and r.member == victim for r in records):
         assert rounds < 20, "the diverged member was never rolled back"
         trainer.run_round(state)
         rounds += 1
-    assert all(r["member"] == victim for r in records if r["kind"] == "rollback")
+    assert all(r.member == victim for r in records if r.kind == "rollback")
     restored = state.members[victim]
     assert max(np.abs(np.asarray(x)).max() for x in jax.tree_util.tree_leaves(restored.theta)) < 1e3
     moved = jax.tree_util.tree_map(lambda a, b: np.asarray(a) - b, state.members[trainee].theta, trainee_start)
