@@ -2,7 +2,7 @@
 
 Every run is ``run.py`` on the same config and seed for the same budget, in its
 own checkpoint directory under ``--out``, one after another (each takes every
-core); then the ablation table of ``selfloop.history`` over all of them. Runs
+core); then the ablation table of ``selfloop.observe.history`` over all of them. Runs
 that already reached the budget are read, not rerun, and a run that was cut
 short is resumed for the minutes it lacks, so the whole sweep can be stopped
 and started again.
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from selfloop.events import read_events
-from selfloop.history import ablation_table, within
+from selfloop.observe.history import ablation_table, within
 
 REPO = Path(__file__).resolve().parent.parent
 

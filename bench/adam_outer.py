@@ -25,12 +25,12 @@ import numpy as np
 import optax
 
 from selfloop.config import load_config
-from selfloop.evaluate import adam_reference, evaluate_members
-from selfloop.farm import LocalFarm
+from selfloop.evaluation.heldout import adam_reference, evaluate_members
+from selfloop.farm.engines import LocalFarm
+from selfloop.farm.units import UnitResult, WorkUnit, initial_slot, run_unit
 from selfloop.lopt import make_lopt
-from selfloop.population import context_for, mean_gradient
+from selfloop.master.population import context_for, mean_gradient
 from selfloop.tasks.sampler import heldout_tasks
-from selfloop.work import UnitResult, WorkUnit, initial_slot, run_unit
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ with no overrides measure the noise band.
 
 Needs ``2 * (variants)`` cores by default (``--cores-per-branch``); the
 variants' run directories under ``--out`` are ordinary runs (resume them, read
-them with ``python -m selfloop.history``).
+them with ``python -m selfloop.observe.history``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from selfloop.events import Eval, Round, read_events
-from selfloop.history import inner_steps_at_evals, rail_use
+from selfloop.observe.history import inner_steps_at_evals, rail_use
 from selfloop.store.checkpoint import list_checkpoints
 
 RUN_PY = Path(__file__).resolve().parent.parent / "run.py"

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from selfloop.config import load_config
-from selfloop.population import init_population
+from selfloop.master.population import init_population
 from selfloop.state import RunState
 from selfloop.store.checkpoint import read_checkpoint, write_checkpoint
 

@@ -18,7 +18,7 @@ import statistics
 from pathlib import Path
 
 from selfloop.events import Eval, Event, Round, read_events
-from selfloop.history import inner_steps_at_evals, of_type, rail_use
+from selfloop.observe.history import inner_steps_at_evals, of_type, rail_use
 
 
 def best_within(events: list[Event], minutes: float | None = None, inner_millions: float | None = None) -> float:

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from selfloop.config import load_config
-from selfloop.farm import LocalFarm
+from selfloop.farm.engines import LocalFarm
+from selfloop.farm.worker import configure_jax
+from selfloop.master.trainer import Trainer
 from selfloop.store.checkpoint import list_checkpoints, read_checkpoint
-from selfloop.train import Trainer
-from selfloop.worker import configure_jax
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -25,11 +25,11 @@ from types import SimpleNamespace
 import numpy as np
 
 from selfloop.config import load_config
-from selfloop.farm import LocalFarm
-from selfloop.pbt import task_scores, tournament_tasks
+from selfloop.farm.engines import LocalFarm
+from selfloop.farm.worker import configure_jax
+from selfloop.master.pbt import task_scores, tournament_tasks
 from selfloop.store.checkpoint import CheckpointError, list_checkpoints, read_checkpoint
 from selfloop.tasks.sampler import heldout_tasks
-from selfloop.worker import configure_jax
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -17,9 +17,9 @@ import time
 import jax
 import numpy as np
 
-from selfloop.baselines import ADAM
 from selfloop.config import LOptConfig
 from selfloop.estimators import as_inner_optimizer
+from selfloop.evaluation.baselines import ADAM
 from selfloop.lopt import make_lopt
 from selfloop.tasks.base import TaskSpec
 from selfloop.unroll import broadcast_batch, task_program

@@ -38,11 +38,11 @@ import jax
 import numpy as np
 
 from selfloop.estimators import estimate_gradient, needs_reset, new_slot
-from selfloop.farm import LocalFarm
+from selfloop.farm.engines import LocalFarm
+from selfloop.farm.units import slot_task
 from selfloop.lopt import make_lopt
-from selfloop.population import context_for
+from selfloop.master.population import context_for
 from selfloop.store.checkpoint import list_checkpoints, read_checkpoint, saved_config
-from selfloop.work import slot_task
 
 
 def task_gradient(context, theta, truncation: int, segments: int, task_index: int) -> np.ndarray:

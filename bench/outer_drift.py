@@ -27,11 +27,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from selfloop.evaluate import adam_reference, evaluate_members
-from selfloop.farm import LocalFarm
+from selfloop.evaluation.heldout import adam_reference, evaluate_members
+from selfloop.farm.engines import LocalFarm
 from selfloop.lopt import make_lopt
 from selfloop.lopt.base import tree_l2_norm
-from selfloop.population import outer_step_fn, outer_time_limit
+from selfloop.master.population import outer_step_fn, outer_time_limit
 from selfloop.store.checkpoint import list_checkpoints, read_checkpoint, saved_config
 from selfloop.tasks.sampler import heldout_tasks
 

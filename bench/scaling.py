@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 
 from selfloop.config import load_config
-from selfloop.farm import QUEUE_DEPTH, LocalFarm
-from selfloop.train import Trainer
-from selfloop.work import warm_up
-from selfloop.worker import configure_jax
+from selfloop.farm.engines import QUEUE_DEPTH, LocalFarm
+from selfloop.farm.units import warm_up
+from selfloop.farm.worker import configure_jax
+from selfloop.master.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 

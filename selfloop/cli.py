@@ -140,44 +140,43 @@ def build_eval_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def eval_main(argv: list[str]) -> int:
-    args = build_eval_parser().parse_args(argv)
-    config = resolve_config(args)
-    from selfloop.worker import configure_jax
-
-    configure_jax(config.farm.compile_cache or None)
-    from selfloop.farm import Interrupted, make_farm
-    from selfloop.report_eval import evaluate_lopts, format_table, write_outputs
-    from selfloop.store.checkpoint import load_latest
-    from selfloop.tasks.sampler import heldout_tasks
-
-    run_dir = Path(config.run.checkpoint_dir)
-    cfg = config.eval
-    # A second held-out set (seed eval.seed + 1): the run's own evaluations, and with them
-    # `export --member best`, chose among members on the first, so report on fresh instances.
-    families = tuple(args.families.split(",")) if args.families else config.tasks.families
-    unknown = sorted(set(families) - set(ALL_FAMILIES))
-    if unknown:
-        print(f"error: --families: unknown {unknown} (known: {', '.join(ALL_FAMILIES)})", file=sys.stderr)
-        return 2
-    specs = heldout_tasks(cfg.tasks, families, cfg.seed + 1)
+def _evaluated(args: argparse.Namespace, config, run_dir: Path) -> tuple[dict, object, str, str]:
+    """What ``eval`` scores: (name -> θ, their lopt config, where they came from, a label)."""
     if args.optimizer:
         from selfloop.store.optimizer import load_theta
 
         loaded = {path.stem: load_theta(path) for path in args.optimizer}
         if len({lopt for lopt, _ in loaded.values()}) != 1:
-            print("error: --optimizer files of different architectures cannot be batched", file=sys.stderr)
-            return 2
-        lopt_config = next(iter(loaded.values()))[0]
-        thetas, source, label = {name: theta for name, (_, theta) in loaded.items()}, ", ".join(loaded), "optimizers"
-    else:
-        found = load_latest(run_dir, config, lambda path, error: print(f"warning: skipping {error}", file=sys.stderr))
-        if found is None:
-            print(f"error: {run_dir}: no readable checkpoint to evaluate", file=sys.stderr)
-            return 2
-        state, path = found
-        lopt_config, source, label = config.lopt, str(path), f"r{state.round}"
-        thetas = {f"m{i}": m.theta for i, m in enumerate(state.members)}
+            raise ConfigError("--optimizer: files of different architectures cannot be batched")
+        thetas = {name: theta for name, (_, theta) in loaded.items()}
+        return thetas, next(iter(loaded.values()))[0], ", ".join(loaded), "optimizers"
+    from selfloop.store.checkpoint import load_latest
+
+    found = load_latest(run_dir, config, lambda path, error: print(f"warning: skipping {error}", file=sys.stderr))
+    if found is None:
+        raise ConfigError(f"{run_dir}: no readable checkpoint to evaluate")
+    state, path = found
+    return {f"m{i}": m.theta for i, m in enumerate(state.members)}, config.lopt, str(path), f"r{state.round}"
+
+
+def eval_main(argv: list[str]) -> int:
+    args = build_eval_parser().parse_args(argv)
+    config = resolve_config(args)
+    from selfloop.farm.worker import configure_jax
+
+    configure_jax(config.farm.compile_cache or None)
+    from selfloop.evaluation.report import evaluate_lopts, format_table, write_outputs
+    from selfloop.farm.engines import Interrupted, make_farm
+    from selfloop.tasks.sampler import heldout_tasks
+
+    run_dir, cfg = Path(config.run.checkpoint_dir), config.eval
+    families = tuple(args.families.split(",")) if args.families else config.tasks.families
+    if unknown := sorted(set(families) - set(ALL_FAMILIES)):
+        raise ConfigError(f"--families: unknown {unknown} (known: {', '.join(ALL_FAMILIES)})")
+    # A second held-out set (seed eval.seed + 1): the run's own evaluations, and with them
+    # `export --member best`, chose among members on the first, so report on fresh instances.
+    specs = heldout_tasks(cfg.tasks, families, cfg.seed + 1)
+    thetas, lopt_config, source, label = _evaluated(args, config, run_dir)
     out = args.out or RunDir(run_dir).evaluation(label, cfg.tasks, cfg.steps)
     print(f"evaluating {len(thetas)} learned optimizers of {source} on {cfg.tasks} held-out tasks x {cfg.steps} "
           f"steps, with Adam at 15 rates on the same tasks (cached in {run_dir})", flush=True)
@@ -203,7 +202,7 @@ def eval_main(argv: list[str]) -> int:
 
 def _stop_on_signals():
     """A StopFlag that SIGINT and SIGTERM set (a second one exits at once)."""
-    from selfloop.session import StopFlag
+    from selfloop.master.session import StopFlag
 
     stop = StopFlag()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -215,8 +214,8 @@ def _stop_on_signals():
 def _farm_progress(farm, label: str):
     """Show the farm's progress through one command's long phase: a rich bar
     on a terminal, a line every few seconds otherwise."""
-    from selfloop.farm import reporting_progress
-    from selfloop.session import PhaseProgress
+    from selfloop.farm.engines import reporting_progress
+    from selfloop.master.session import PhaseProgress
 
     if not sys.stderr.isatty():
         with reporting_progress(farm, PhaseProgress(lambda text: print(f"...   {text}", file=sys.stderr,
@@ -237,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     """Dispatch to a subcommand; bad input (a config key, a run directory, a
     member, an optimizer file, an unreachable farm) exits 2 with one line that
     names it."""
-    from selfloop.farm import FarmUnavailable
+    from selfloop.farm.engines import FarmUnavailable
     from selfloop.store.checkpoint import CheckpointError
     from selfloop.store.optimizer import OptimizerFileError
 
@@ -270,18 +269,12 @@ def train_main(argv: list[str]) -> int:
         lock.release()
 
 
-def _train(args: argparse.Namespace, config, run_dir: Path) -> int:
-    from selfloop.worker import configure_jax
-
-    configure_jax(config.farm.compile_cache or None)  # the master compiles outer steps
-
+def _found_and_notes(args: argparse.Namespace, config, run_dir: Path) -> tuple[object, list]:
+    """The checkpoint to resume (None: a new population) and the events that say
+    what was set aside or skipped on the way, logged once the session's log is open."""
     from selfloop import events
-    from selfloop.dashboard import LiveDashboard
-    from selfloop.farm import Interrupted, make_farm, usable_workers
-    from selfloop.report import PlainReporter, format_event
-    from selfloop.session import Session
+    from selfloop.farm.engines import usable_workers
     from selfloop.store.checkpoint import load_latest
-    from selfloop.train import Trainer
 
     notes: list[events.Event] = []
     if args.fresh and (moved := _set_aside(run_dir, _previous_run(run_dir))):
@@ -295,11 +288,24 @@ def _train(args: argparse.Namespace, config, run_dir: Path) -> int:
     if found is None and (moved := _set_aside(run_dir, _previous_run(run_dir))):
         # A run that died before its first checkpoint left only a log: nothing to resume.
         notes.append(events.Fresh(f"no usable checkpoint; previous files moved to {moved}"))
-
-    session = Session(config.run.max_minutes, _stop_on_signals())
     if config.farm.engine == "local" and (capped := usable_workers(config.farm.workers)[1]):
         notes.append(events.Progress(f"farm.workers = {config.farm.workers}: {capped}"))
+    return found, notes
 
+
+def _train(args: argparse.Namespace, config, run_dir: Path) -> int:
+    from selfloop.farm.worker import configure_jax
+
+    configure_jax(config.farm.compile_cache or None)  # the master compiles outer steps
+
+    from selfloop.farm.engines import Interrupted, make_farm
+    from selfloop.master.session import Session
+    from selfloop.master.trainer import Trainer
+    from selfloop.observe.dashboard import LiveDashboard
+    from selfloop.observe.plain import PlainReporter, format_event
+
+    found, notes = _found_and_notes(args, config, run_dir)
+    session = Session(config.run.max_minutes, _stop_on_signals())
     farm = make_farm(config.farm, run_dir)
     live = config.run.dashboard == "live" or (config.run.dashboard == "auto" and sys.stdout.isatty())
     reporter = LiveDashboard(in_flight=lambda: farm.stats.in_flight) if live else PlainReporter()

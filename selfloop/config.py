@@ -134,15 +134,14 @@ class LOptConfig:
     # 0.03 / step_mult, which the outer optimizers reach only by growing the
     # MLP's output weights that many times over, a few tenths of a percent of
     # ‖θ‖ per outer step: at 1e-3 (learned_optimization's value, and the
-    # paper's architecture's) the population stalled as an optimizer more
-    # timid than a good Adam.
+    # paper's architecture's) that growth is most of what self-training does.
     step_mult: float = positive(1e-2)
     lstm_hidden: int = positive(64)  # hierarchical only: the per-tensor LSTM's width
     # mlp only (selfloop/lopt/mlp.py): "per_tensor" normalizes g and every
     # momentum on its own; "relative" measures them against one running
     # gradient scale per tensor, so noise and a vanished gradient look small.
-    # Per-tensor features let an outer optimizer move a trained θ far with no
-    # gradient at all, and runs gave back what they had learned.
+    # Per-tensor features rescale a decayed momentum to unit size, so an outer
+    # optimizer can move a trained θ far with no gradient at all.
     features: str = one_of(("per_tensor", "relative"), "relative")
     # mlp only: the step is an odd function of the gradient channels (no
     # gradient, no step; no learned step that ignores the gradient).
@@ -192,18 +191,16 @@ class PBTConfig:
     step_scale_factor: float = _check(lambda v: math.isfinite(v) and v >= 1.0, "a finite number >= 1 (1: off)",
                                       1.25)
     # Keep the best snapshot seen as a champion that competes in every
-    # tournament and that losers copy when it beats the winner (selfloop/pbt.py).
+    # tournament and that losers copy when it beats the winner (selfloop/master/pbt.py).
     champion: bool = True
     # A winner that beats the champion on the tournament's tasks replaces it
     # only if it also wins on this many further fresh tasks (0: the tournament
-    # alone decides). On E = 4 tasks alone the champion changed hands on margins
-    # of 1 % and drifted down with the population (issue #8).
+    # alone decides): on E = 4 tasks alone a lucky draw decides too often.
     champion_confirm_tasks: int = non_negative(8)
     # ... and only if its per-task advantage there is this many standard errors
-    # above zero (a paired t statistic; 0: any advantage). With a tournament
-    # every second, challengers that won on margins of 0.5 % replaced the
-    # champion 280 times in 20 minutes and its held-out loss drifted from 0.27
-    # to 0.45: the winner's curse of many noisy comparisons (issue #8).
+    # above zero (a paired t statistic; 0: any advantage). Frequent
+    # tournaments make many noisy comparisons; without a margin the champion
+    # random-walks on their noise (the winner's curse).
     champion_confidence: float = non_negative(2.0)
     # A losing member copies the champion rather than the winner only if the
     # champion beat the winner by this many standard errors of its per-task
@@ -235,7 +232,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class GuardConfig:
-    # Roll a diverging member back to its best snapshot (selfloop/guard.py).
+    # Roll a diverging member back to its best snapshot (selfloop/master/guard.py).
     rollback: bool = True
     smoothing: float = probability(0.1)  # EMA weight of the newest round's meta-loss
     # Diverged: smoothed meta-loss above 1 + margin, i.e. its inner problems end

@@ -5,7 +5,7 @@ Each kind is a frozen dataclass below (``Round``, ``Tournament``, ``Eval``, ...)
 its ``kind`` the name it has in ``events.jsonl``. The trainer appends events
 (``EventLog``); the plain reporter and the dashboard get each event as it is
 written and dispatch on its type, and ``read_events`` reads a log back into
-events as its resumed timeline kept it (``selfloop.history`` summarizes it).
+events as its resumed timeline kept it (``selfloop.observe.history`` summarizes it).
 A record keeps every field as plain JSON, so the log is readable without the
 code; fields added after a log was written read back as their defaults.
 """
@@ -135,7 +135,7 @@ class Round(Event):
 
 @dataclass(frozen=True)
 class Tournament(Event):
-    """One PBT tournament (selfloop/pbt.py)."""
+    """One PBT tournament (selfloop/master/pbt.py)."""
 
     kind: ClassVar[str] = "pbt"
     time: float

@@ -23,7 +23,7 @@ from selfloop.tasks.base import TaskSpec
 
 @dataclass
 class GuardState:
-    """The divergence guard's view of one member (selfloop/guard.py)."""
+    """The divergence guard's view of one member (selfloop/master/guard.py)."""
 
     ema: float = math.nan  # smoothed training meta-loss
     best_ema: float = math.inf

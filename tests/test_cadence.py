@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from selfloop.train import Cadence
+from selfloop.master.trainer import Cadence
 
 
 def test_a_cadence_is_due_by_seconds_or_by_rounds_and_never_when_both_are_off():
@@ -14,7 +14,7 @@ def test_a_cadence_is_due_by_seconds_or_by_rounds_and_never_when_both_are_off():
 
 
 def test_the_trainer_runs_a_job_when_due_and_the_job_marks_it(smoke_config, tmp_path):
-    from selfloop.train import Trainer
+    from selfloop.master.trainer import Trainer
 
     trainer = Trainer(smoke_config, tmp_path, report=lambda r: None)
     state = trainer.new_state()

@@ -19,7 +19,8 @@ import pytest
 
 from selfloop.config import ConfigError, config_to_dict
 from selfloop.events import cut_torn_line, from_record, read_events
-from selfloop.history import latest_series, summary
+from selfloop.master.trainer import Trainer
+from selfloop.observe.history import latest_series, summary
 from selfloop.store.checkpoint import (
     CheckpointError,
     check_resumable,
@@ -31,7 +32,6 @@ from selfloop.store.checkpoint import (
     write_checkpoint,
 )
 from selfloop.store.rundir import RunLock, RunLocked
-from selfloop.train import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -292,7 +292,7 @@ def test_reading_a_checkpoint_before_any_training_leaves_no_tracer_behind(smoke_
     UnexpectedTracerError. A lopt no other test builds keys a program of its own."""
     from selfloop.estimators import new_slot
     from selfloop.lopt import make_lopt
-    from selfloop.population import context_for
+    from selfloop.master.population import context_for
     from selfloop.store.checkpoint import Templates
     from selfloop.tasks.sampler import sample_training_task
 

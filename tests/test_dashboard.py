@@ -16,10 +16,10 @@ from rich.console import Console
 
 from selfloop import events as ev
 from selfloop.config import load_config
-from selfloop.dashboard import DashboardState, apply, render, sparkline
 from selfloop.events import _jsonable, to_record
-from selfloop.report import PlainReporter
-from selfloop.train import Trainer
+from selfloop.master.trainer import Trainer
+from selfloop.observe.dashboard import DashboardState, apply, render, sparkline
+from selfloop.observe.plain import PlainReporter
 from tests.conftest import REPO
 
 
@@ -150,7 +150,7 @@ def test_the_watched_dashboard_in_a_tmux_pane(records, tmp_path, width, height):
     events = tmp_path / "events.jsonl"
     events.write_text("".join(json.dumps(to_record(r), default=_jsonable) + "\n" for r in records))
     session = f"selfloop-test-{width}x{height}-{os.getpid()}"
-    command = f"{sys.executable} -m selfloop.dashboard {events} --seconds 20"
+    command = f"{sys.executable} -m selfloop.observe.dashboard {events} --seconds 20"
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", str(width), "-y", str(height), command],
                    check=True, cwd=REPO)  # fmt: skip
     try:

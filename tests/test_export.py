@@ -14,9 +14,9 @@ import pytest
 import selfloop
 from selfloop.config import ConfigError
 from selfloop.export import choose_member, export_member
-from selfloop.pbt import crown
+from selfloop.master.pbt import crown
+from selfloop.master.trainer import Trainer
 from selfloop.store.optimizer import PRETRAINED, load_theta
-from selfloop.train import Trainer
 
 
 def _train_linear_regression(optimizer: optax.GradientTransformation, steps: int = 300) -> tuple[float, float]:
@@ -60,7 +60,7 @@ def test_loading_an_optimizer_imports_nothing_of_the_self_training_loop():
     imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = set(imported.split())
     assert "selfloop.store.optimizer" in loaded and "selfloop.lopt" in loaded
-    loop = {"pbt", "population", "estimators", "guard", "train", "farm", "worker", "work", "unroll"}
+    loop = {"master", "farm", "estimators", "unroll", "evaluation", "observe"}
     assert not {m for m in loaded if set(m.split(".")[1:2]) & loop or m == "selfloop.store.checkpoint"}
 
 

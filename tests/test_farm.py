@@ -12,11 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from selfloop.farm import InProcessFarm, LocalFarm, UnitFailure, dispatch_order
-from selfloop.population import context_for, init_population
+from selfloop.farm.engines import InProcessFarm, LocalFarm, UnitFailure, dispatch_order
+from selfloop.farm.units import run_unit
+from selfloop.master.population import context_for, init_population
+from selfloop.master.trainer import Trainer, make_units
 from selfloop.state import RunState
-from selfloop.train import Trainer, make_units
-from selfloop.work import run_unit
 
 
 def _affinity(_item):
@@ -127,7 +127,7 @@ def _flat(tree):
 
 def test_dask_local_cluster_gives_the_local_pool_result(local_farm, smoke_config):
     distributed = pytest.importorskip("distributed")
-    from selfloop.farm import DaskFarm
+    from selfloop.farm.engines import DaskFarm
 
     state = RunState(members=init_population(smoke_config))
     units = make_units(state)

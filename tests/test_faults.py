@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from selfloop.events import from_record
-from selfloop.farm import WORKER_MEMORY_BYTES, usable_workers
+from selfloop.farm.engines import WORKER_MEMORY_BYTES, usable_workers
 from selfloop.store.checkpoint import list_checkpoints, read_checkpoint, saved_config
 
 REPO = Path(__file__).resolve().parent.parent

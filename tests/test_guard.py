@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from selfloop.config import GuardConfig
-from selfloop.guard import GuardState, healthiest, observe
-from selfloop.train import Trainer
+from selfloop.master.guard import GuardState, healthiest, observe
+from selfloop.master.trainer import Trainer
 
 
 def test_threshold_and_observe_exact():

@@ -18,7 +18,7 @@ from selfloop.events import (
     surviving,
     to_record,
 )
-from selfloop.history import ablation_table, main, stability, within
+from selfloop.observe.history import ablation_table, main, stability, within
 
 
 def _eval(elapsed, members, fixed=0.2, tuned=0.1, round_index=None):
@@ -105,7 +105,7 @@ def test_a_budget_keeps_the_final_evaluation_of_its_last_round():
 
 
 def test_summary_counts_inner_steps_and_rail_use():
-    from selfloop.history import inner_steps_at_evals, rail_use, summary
+    from selfloop.observe.history import inner_steps_at_evals, rail_use, summary
 
     records = [_eval(0, [1.0, 1.1]), _round(1, inner_steps=1000, shortened=2),
                _round(2, inner_steps=3000, outer_steps=1), _eval(2, [0.5, 0.9]),

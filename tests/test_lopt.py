@@ -205,7 +205,7 @@ def test_relative_update_finite_for_extreme_gradients(magnitude):
 
 def test_the_step_scale_shortens_the_outer_step_inside_the_rail():
     from selfloop.lopt.base import tree_l2_norm
-    from selfloop.population import outer_step_fn
+    from selfloop.master.population import outer_step_fn
 
     lopt = make_lopt(RELATIVE_ODD)
     outer, theta = lopt.init_theta(jax.random.PRNGKey(7)), lopt.init_theta(jax.random.PRNGKey(8))
@@ -227,7 +227,7 @@ def test_the_step_scale_shortens_the_outer_step_inside_the_rail():
 
 def test_odd_outer_optimizer_does_not_move_theta_without_signal():
     """The drift check on the self-training path itself: 200 outer steps fed ĝ = 0."""
-    from selfloop.population import outer_step_fn
+    from selfloop.master.population import outer_step_fn
 
     lopt = make_lopt(RELATIVE_ODD)
     outer, theta = lopt.init_theta(jax.random.PRNGKey(7)), lopt.init_theta(jax.random.PRNGKey(8))

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from selfloop.config import LOptConfig
-from selfloop.farm import InProcessFarm
-from selfloop.pbt import (
+from selfloop.farm.engines import InProcessFarm
+from selfloop.master.pbt import (
     CONFIRM_STREAM,
     COPIED,
     advantage_t,
@@ -20,7 +20,7 @@ from selfloop.pbt import (
     tournament,
     tournament_tasks,
 )
-from selfloop.population import init_population
+from selfloop.master.population import init_population
 
 
 def test_exploit_copies_theta_outer_index_and_outer_state(smoke_config):

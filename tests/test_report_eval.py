@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from selfloop.report_eval import Curves, first_step_at_or_below, metrics, speedup
+from selfloop.evaluation.report import Curves, first_step_at_or_below, metrics, speedup
 from tests.conftest import REPO
 
 

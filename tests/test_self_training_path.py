@@ -16,11 +16,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from selfloop.farm.units import run_unit
 from selfloop.lopt import make_lopt
-from selfloop.population import apply_outer_steps, init_population, mean_gradient, outer_time_limit
+from selfloop.master.population import apply_outer_steps, init_population, mean_gradient, outer_time_limit
+from selfloop.master.trainer import Trainer, absorb_results, make_units
 from selfloop.state import RunState
-from selfloop.train import Trainer, absorb_results, make_units
-from selfloop.work import run_unit
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,9 +31,9 @@ SELF_TRAINING_MODULES = (
     "selfloop/lopt/__init__.py",
     "selfloop/estimators.py",
     "selfloop/unroll.py",
-    "selfloop/population.py",
-    "selfloop/pbt.py",
-    "selfloop/work.py",
+    "selfloop/master/population.py",
+    "selfloop/master/pbt.py",
+    "selfloop/farm/units.py",
     *(str(p.relative_to(REPO)) for p in (REPO / "selfloop" / "tasks").glob("*.py")),
 )
 HAND_DESIGNED = ("adam", "sgd", "rmsprop", "adagrad", "lamb", "lion", "momentum_sgd")
@@ -46,8 +46,8 @@ def test_self_training_modules_neither_import_optax_nor_define_rules():
             if isinstance(node, ast.Import):
                 assert not any(a.name.split(".")[0] == "optax" for a in node.names), relative
             if isinstance(node, ast.ImportFrom):
-                assert (node.module or "").split(".")[0] not in ("optax", "selfloop.baselines"), relative
-                assert node.module != "selfloop.baselines", relative
+                assert (node.module or "").split(".")[0] not in ("optax", "selfloop.evaluation.baselines"), relative
+                assert node.module != "selfloop.evaluation.baselines", relative
             if isinstance(node, ast.FunctionDef | ast.ClassDef | ast.Assign):
                 names = (
                     [node.name]
@@ -62,13 +62,13 @@ BLOCKED_RUN = r"""
 import sys, importlib.abc
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name == "optax" or name.startswith("optax.") or name == "selfloop.baselines":
+        if name == "optax" or name.startswith("optax.") or name == "selfloop.evaluation.baselines":
             raise ImportError(f"{name} is blocked on the self-training path")
 sys.meta_path.insert(0, Block())
 import jax, numpy as np
 from pathlib import Path
 from selfloop.config import load_config
-from selfloop.train import Trainer
+from selfloop.master.trainer import Trainer
 config = load_config("configs/smoke.toml")
 trainer = Trainer(config, Path(sys.argv[1]), report=lambda record: None)
 state = trainer.new_state()

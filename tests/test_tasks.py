@@ -6,8 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from selfloop.baselines import ADAM, ADAM_LEARNING_RATES
 from selfloop.config import ALL_FAMILIES
+from selfloop.evaluation import ADAM_LEARNING_RATES
+from selfloop.evaluation.baselines import ADAM
 from selfloop.tasks import TASK_FAMILIES, datasets
 from selfloop.tasks.normalize import normalize_curve, ratio_to_initial
 from selfloop.tasks.sampler import HELDOUT_SEEDS, TRAIN_SEEDS, heldout_tasks, sample_training_task

@@ -47,7 +47,7 @@ from selfloop.config import ADDED_KEYS, Config, ConfigError, config_to_dict, sav
 from selfloop.estimators import new_slot
 from selfloop.lopt import make_lopt
 from selfloop.lopt import shapes as lopt_shapes
-from selfloop.population import context_for
+from selfloop.master.population import context_for
 from selfloop.state import Champion, GuardState, Member, RunState, Slot, plain_fields
 from selfloop.store.h5tree import StoredDataError, read_dataset, read_tree, scalar, write_dataset, write_tree
 from selfloop.store.rundir import RunDir

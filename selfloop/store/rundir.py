@@ -1,6 +1,6 @@
 """A run directory: every path under it, and the lock its master holds.
 
-    RUN_DIR/events.jsonl                 the event log (selfloop.history reads it back)
+    RUN_DIR/events.jsonl                 the event log (selfloop.observe.history reads it back)
     RUN_DIR/checkpoint-<round>.h5        checkpoints (selfloop.store.checkpoint)
     RUN_DIR/.checkpoint-<round>.h5.<pid>.tmp   one being written
     RUN_DIR/adam_reference_<key>.npz     Adam's curves on a held-out set, computed once

@@ -10,7 +10,7 @@ round ends on short units and no core waits long at its end (LPT scheduling).
 
 The local engine spawns one worker per core (``spawn``: a fork after JAX
 started hangs), each pinned to its own core before its first JAX operation
-(``selfloop.worker``). Dispatch is dynamic, so no core idles while units wait,
+(``selfloop.farm.worker``). Dispatch is dynamic, so no core idles while units wait,
 and each worker holds a second unit in its pipe, so it starts the next one the
 moment it finishes instead of waiting for the master to pickle it.
 A worker that dies (killed, out of memory) is noticed through its process
@@ -34,8 +34,8 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 
+from selfloop.farm.worker import compile_seconds, prepare_process, to_host, worker_main
 from selfloop.store.rundir import RunDir
-from selfloop.worker import compile_seconds, prepare_process, to_host, worker_main
 
 
 class Interrupted(Exception):

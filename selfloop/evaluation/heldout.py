@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from selfloop.config import LOptConfig
-from selfloop.curves import CurveUnit, run_curve_unit, stack_thetas
+from selfloop.farm.curves import CurveUnit, run_curve_unit, stack_thetas
 from selfloop.store.rundir import RunDir
 from selfloop.tasks.base import TaskSpec
 from selfloop.tasks.normalize import normalize_curve
@@ -43,7 +43,7 @@ class AdamUnit:
 
 def run_adam_unit(unit: AdamUnit) -> np.ndarray:
     """Adam at all 15 rates on one task: float64 [steps + 1, 15]."""
-    from selfloop.baselines import ADAM, learning_rate_batch
+    from selfloop.evaluation.baselines import ADAM, learning_rate_batch
 
     return learning_curves(unit.spec, ADAM, learning_rate_batch(), unit.steps, unit.chunk)
 
@@ -79,7 +79,7 @@ def adam_reference(
     specs: tuple[TaskSpec, ...], steps: int, chunk: int, map_fn=map, cache_dir: Path | None = None
 ) -> AdamReference:
     """Adam at every rate on every task; loaded from ``cache_dir`` when computed before."""
-    from selfloop.baselines import ADAM_LEARNING_RATES
+    from selfloop.evaluation import ADAM_LEARNING_RATES
 
     path = RunDir(cache_dir).adam_reference(_reference_key(specs, steps)) if cache_dir else None
     if path is not None and path.exists():

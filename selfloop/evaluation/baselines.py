@@ -9,10 +9,8 @@ from __future__ import annotations
 import numpy as np
 import optax
 
+from selfloop.evaluation import ADAM_LEARNING_RATES
 from selfloop.unroll import InnerOptimizer
-
-# The paper's sweep: 1e-6 to 1e1 every half decade, 15 rates.
-ADAM_LEARNING_RATES = tuple(float(10.0 ** (k / 2)) for k in range(-12, 3))
 
 _scale_by_adam = optax.scale_by_adam()
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from selfloop.curves import CurveUnit, run_curve_unit, stack_thetas
-from selfloop.evaluate import AdamReference, adam_reference, all_succeeded, normalized_curves
+from selfloop.evaluation.heldout import AdamReference, adam_reference, all_succeeded, normalized_curves
+from selfloop.farm.curves import CurveUnit, run_curve_unit, stack_thetas
 from selfloop.tasks.base import TaskSpec
 
 
@@ -82,7 +82,7 @@ def metrics(curves: Curves, adam_names: list[str]) -> dict[str, dict[str, float]
 def evaluate_lopts(thetas: dict[str, object], lopt_config, specs: tuple[TaskSpec, ...], steps: int, chunk: int,
                    map_fn, cache_dir: Path) -> tuple[Curves, dict]:  # fmt: skip
     """Curves and metrics for each named θ (members of a checkpoint, or exported optimizers) on ``specs``."""
-    from selfloop.baselines import ADAM_LEARNING_RATES
+    from selfloop.evaluation import ADAM_LEARNING_RATES
 
     reference = adam_reference(specs, steps, chunk, map_fn, cache_dir)
     stacked = stack_thetas(list(thetas.values()))
@@ -96,7 +96,7 @@ def evaluate_lopts(thetas: dict[str, object], lopt_config, specs: tuple[TaskSpec
 def write_outputs(out_dir: Path, curves: Curves, table: dict, about: dict) -> list[Path]:
     """results.json (everything), metrics.csv, curves.csv (mean normalized curves) and, where
     matplotlib is installed, figure2.png; the files written."""
-    from selfloop.figures import PlotExtraMissing, figure2
+    from selfloop.observe.figures import PlotExtraMissing, figure2
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from selfloop.config import Config
-from selfloop.curves import CurveUnit, run_curve_unit, stack_thetas
 from selfloop.events import Tournament
-from selfloop.population import is_finite_member
+from selfloop.farm.curves import CurveUnit, run_curve_unit, stack_thetas
+from selfloop.master.population import is_finite_member
 from selfloop.state import Champion, GuardState, Member, adopt, snapshot
 from selfloop.tasks.normalize import ratio_to_initial
 from selfloop.tasks.sampler import sample_training_task
@@ -153,6 +153,45 @@ def challenge_champion(map_fn, config: Config, winner: Member, champion: Champio
     return Challenge(winner_score, champion_score, t, won)
 
 
+@dataclass(frozen=True)
+class Bout:
+    """A pair's scores on the tournament's tasks, and the champion's beside them."""
+
+    winner: int
+    loser: int
+    winner_score: float
+    loser_score: float
+    champion_score: float = float("nan")  # nan: no champion
+    restore_t: float = float("nan")  # the champion's per-task advantage over the winner, in standard errors
+
+
+def judge(per_task: np.ndarray, a: int, b: int) -> Bout:
+    """The bout of members ``a`` and ``b`` from their [task, contestant] scores
+    (columns a, b, then the champion's if there is one)."""
+    scores = per_task.mean(axis=0)
+    first_wins = scores[0] <= scores[1]
+    winner, loser, w, lo = (a, b, 0, 1) if first_wins else (b, a, 1, 0)
+    if per_task.shape[1] < 3:
+        return Bout(winner, loser, float(scores[w]), float(scores[lo]))
+    return Bout(winner, loser, float(scores[w]), float(scores[lo]), float(scores[2]),
+                advantage_t(per_task[:, w] - per_task[:, 2]))
+
+
+def settle_champion(map_fn, config: Config, members: list[Member], bout: Bout, champion: Champion | None,
+                    event_index: int, round_index: int) -> tuple[Challenge, bool, Champion | None]:
+    """Challenge the champion if the winner beat it; returns the challenge, whether the
+    champion was replaced, and the champion after it."""
+    challenged = champion is not None and bout.winner_score < bout.champion_score
+    challenge = Challenge()
+    if challenged and config.pbt.champion_confirm_tasks:
+        challenge = challenge_champion(map_fn, config, members[bout.winner], champion, event_index)
+    confirmed = challenge.won if config.pbt.champion_confirm_tasks else True
+    replaced = config.pbt.champion and (champion is None or challenged and confirmed)
+    if replaced:
+        champion = crown(members[bout.winner], bout.winner, round_index)
+    return challenge, replaced, champion
+
+
 def tournament(
     members: list[Member],
     map_fn,
@@ -168,55 +207,28 @@ def tournament(
     ``map_fn(fn, items)`` runs the scoring units (a farm's ``map``).
     """
     a, b = (int(i) for i in rng.choice(len(members), size=2, replace=False))
-    specs = tournament_tasks(config, event_index)
     contestants = [members[a], members[b]] + ([champion] if champion is not None else [])
-    per_task = task_scores(map_fn, config, contestants, specs)
-    scores = per_task.mean(axis=0)
-    if not np.isfinite(scores[:2]).any():
+    per_task = task_scores(map_fn, config, contestants, tournament_tasks(config, event_index))
+    if not np.isfinite(per_task.mean(axis=0)[:2]).any():
         return None, champion
-    first_wins = scores[0] <= scores[1]
-    winner, loser = (a, b) if first_wins else (b, a)
-    winner_score, loser_score = (scores[0], scores[1]) if first_wins else (scores[1], scores[0])
-    champion_score = float(scores[2]) if champion is not None else float("nan")
-    restore_t = float("nan")
-    if champion is not None:
-        restore_t = advantage_t(per_task[:, 0 if first_wins else 1] - per_task[:, 2])
-    from_champion = (champion is not None and champion_score < winner_score
-                     and restore_t >= config.pbt.restore_confidence)
+    bout, pbt = judge(per_task, a, b), config.pbt
+    from_champion = bout.champion_score < bout.winner_score and bout.restore_t >= pbt.restore_confidence
     if from_champion:
-        restore_champion(members, champion, loser)
+        restore_champion(members, champion, bout.loser)
     else:
-        exploit(members, winner, loser)
-    challenged = champion is not None and winner_score < champion_score
-    challenge = Challenge()
-    if challenged and config.pbt.champion_confirm_tasks:
-        challenge = challenge_champion(map_fn, config, members[winner], champion, event_index)
-    confirmed = challenge.won if config.pbt.champion_confirm_tasks else True
-    replaced = config.pbt.champion and (champion is None or challenged and confirmed)
-    if replaced:
-        champion = crown(members[winner], winner, round_index)
-    pbt = config.pbt
-    outer_redrawn, truncation_redrawn = explore(rng, members[loser], len(members), config.population.truncations,
+        exploit(members, bout.winner, bout.loser)
+    challenge, replaced, champion = settle_champion(map_fn, config, members, bout, champion, event_index,
+                                                    round_index)
+    loser = members[bout.loser]
+    outer_redrawn, truncation_redrawn = explore(rng, loser, len(members), config.population.truncations,
                                                 pbt.p_outer_redraw, pbt.p_truncation_redraw, pbt.step_scale_factor)
-    members[loser].last_event = f"copied {'champion' if from_champion else f'm{winner}'} @r{round_index}"
+    loser.last_event = f"copied {'champion' if from_champion else f'm{bout.winner}'} @r{round_index}"
     return Tournament(
-        time=time.time(),
-        round=round_index,
-        winner=winner,
-        loser=loser,
-        winner_score=float(winner_score),
-        loser_score=float(loser_score),
-        copied=COPIED + (("truncation",) if from_champion else ()),
-        outer_redrawn=outer_redrawn,
-        outer_index=members[loser].outer_index,
-        truncation_redrawn=truncation_redrawn,
-        truncation=members[loser].truncation,
-        source="champion" if from_champion else "winner",
-        champion_score=champion_score,
-        champion_replaced=replaced,
-        confirm_winner_score=challenge.winner_score,
-        confirm_champion_score=challenge.champion_score,
-        confirm_t=challenge.t,
-        restore_t=restore_t,
-        step_scale=members[loser].step_scale,
+        time=time.time(), round=round_index, winner=bout.winner, loser=bout.loser, winner_score=bout.winner_score,
+        loser_score=bout.loser_score, copied=COPIED + (("truncation",) if from_champion else ()),
+        outer_redrawn=outer_redrawn, outer_index=loser.outer_index, truncation_redrawn=truncation_redrawn,
+        truncation=loser.truncation, source="champion" if from_champion else "winner",
+        champion_score=bout.champion_score, champion_replaced=replaced, confirm_winner_score=challenge.winner_score,
+        confirm_champion_score=challenge.champion_score, confirm_t=challenge.t, restore_t=bout.restore_t,
+        step_scale=loser.step_scale,
     ), champion

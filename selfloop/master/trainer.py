@@ -23,20 +23,21 @@ from typing import Any
 
 import numpy as np
 
-from selfloop import events, guard
+from selfloop import events
 from selfloop.config import Config, config_to_dict
-from selfloop.evaluate import EvaluationFailed, adam_reference, evaluate_members
+from selfloop.evaluation.heldout import EvaluationFailed, adam_reference, evaluate_members
 from selfloop.events import EventLog, Report
-from selfloop.farm import InProcessFarm, Interrupted, UnitFailure, reporting_progress
+from selfloop.farm.engines import InProcessFarm, Interrupted, UnitFailure, reporting_progress
+from selfloop.farm.units import UnitResult, WorkUnit, run_unit, warm_up
 from selfloop.lopt import make_lopt
-from selfloop.pbt import ScoringFailed, tournament
-from selfloop.population import apply_outer_steps, context_for, init_population, outer_time_limit
-from selfloop.session import PhaseProgress, Session
+from selfloop.master import guard
+from selfloop.master.pbt import ScoringFailed, tournament
+from selfloop.master.population import apply_outer_steps, context_for, init_population, outer_time_limit
+from selfloop.master.session import PhaseProgress, Session
 from selfloop.state import RunState
 from selfloop.store.checkpoint import prune, write_checkpoint
 from selfloop.store.rundir import RunDir
 from selfloop.tasks.sampler import heldout_tasks, unseen_family_tasks
-from selfloop.work import UnitResult, WorkUnit, run_unit, warm_up
 
 HISTORY_SHOWN = 40  # held-out scores per member repeated in a resume record (the dashboard's trend)
 
@@ -135,7 +136,7 @@ class Trainer:
 
     def compile_seconds(self) -> float:
         """Seconds spent compiling so far, in the workers and in the master."""
-        from selfloop.worker import compile_seconds
+        from selfloop.farm.worker import compile_seconds
 
         if isinstance(self.farm, InProcessFarm):
             return compile_seconds()  # the master is the worker
@@ -305,7 +306,7 @@ class Trainer:
         ))
 
     def pbt(self, state: RunState) -> None:
-        """One PBT tournament (``selfloop.pbt``)."""
+        """One PBT tournament (``selfloop.master.pbt``)."""
         try:
             event, state.champion = tournament(state.members, self.farm.map, self.config, state.pbt_rng,
                                                state.pbt_events, state.round, state.champion)

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from selfloop.config import Config
+from selfloop.farm.units import UnitContext, initial_slot
 from selfloop.lopt import LearnedOptimizer, make_lopt
 from selfloop.lopt.base import tree_all_finite, tree_l2_norm
 from selfloop.state import Member, Slot
-from selfloop.work import UnitContext, initial_slot
 
 
 class OuterStep(NamedTuple):

@@ -25,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from selfloop import events as ev
-from selfloop.report import format_event
+from selfloop.observe.plain import format_event
 
 SPARK = "▁▂▃▄▅▆▇█"
 TREND_POINTS = 24
@@ -276,6 +276,29 @@ def member_table(state: DashboardState, width: int = WIDE) -> Table:
     return table
 
 
+def _health_lines(state: DashboardState, in_flight: int, elapsed: float) -> list[str]:
+    """The progress-and-health panel: held-out scores against Adam, throughput, cadences."""
+    rate = _throughput(state)
+    workers = max(state.workers, 1)
+    versus = "-"
+    if math.isfinite(state.best) and math.isfinite(state.adam_best_fixed):
+        verdict = "beats" if state.best < state.adam_best_fixed else "behind"
+        versus = (f"m{state.best_member} {state.best:.3f} vs Adam best fixed lr {state.adam_best_fixed:.3f} "
+                  f"({verdict}); per-task tuned {_number(state.adam_tuned)}; PBT champion {_number(state.champion)}")
+    next_pbt = _time_to_next(state.pbt_interval, state.last_pbt, elapsed, state.round)
+    next_checkpoint = _time_to_next(state.checkpoint_interval, state.last_checkpoint, elapsed, state.round)
+    return [
+        f"held-out best: {versus}",
+        *([f"unseen families: best {state.unseen.best:.3f} vs Adam best fixed lr "
+           f"{state.unseen.adam_best_fixed:.3f}; per-task tuned {state.unseen.adam_tuned:.3f}"]
+          if state.unseen else []),
+        f"inner steps/s {_count(rate)} ({_count(rate / workers)} per core, {state.workers} workers)   "
+        f"units in flight {in_flight}   worker restarts {state.worker_restarts}   failed units {state.failed_units}",
+        f"PBT {next_pbt} ({state.pbt_events:,} tournaments)   next checkpoint in {next_checkpoint}   "
+        f"rollbacks {state.rollbacks}   inner steps {state.inner_steps:,}",
+    ]  # fmt: skip
+
+
 def render(state: DashboardState, in_flight: int = 0, now: float | None = None, width: int = 120,
            height: int = 50) -> Group:
     """The whole screen for ``state`` on a ``width`` x ``height`` terminal;
@@ -290,25 +313,7 @@ def render(state: DashboardState, in_flight: int = 0, now: float | None = None, 
         f"   run time {_duration(elapsed)}   {state.run_dir}\n", ("now: ", "bold"), state.status,
         no_wrap=True, overflow="ellipsis",
     )  # fmt: skip
-    rate = _throughput(state)
-    workers = max(state.workers, 1)
-    versus = "-"
-    if math.isfinite(state.best) and math.isfinite(state.adam_best_fixed):
-        verdict = "beats" if state.best < state.adam_best_fixed else "behind"
-        versus = (f"m{state.best_member} {state.best:.3f} vs Adam best fixed lr {state.adam_best_fixed:.3f} "
-                  f"({verdict}); per-task tuned {_number(state.adam_tuned)}; PBT champion {_number(state.champion)}")
-    next_pbt = _time_to_next(state.pbt_interval, state.last_pbt, elapsed, state.round)
-    next_checkpoint = _time_to_next(state.checkpoint_interval, state.last_checkpoint, elapsed, state.round)
-    health_lines = [
-        f"held-out best: {versus}",
-        *([f"unseen families: best {state.unseen.best:.3f} vs Adam best fixed lr "
-           f"{state.unseen.adam_best_fixed:.3f}; per-task tuned {state.unseen.adam_tuned:.3f}"]
-          if state.unseen else []),
-        f"inner steps/s {_count(rate)} ({_count(rate / workers)} per core, {state.workers} workers)   "
-        f"units in flight {in_flight}   worker restarts {state.worker_restarts}   failed units {state.failed_units}",
-        f"PBT {next_pbt} ({state.pbt_events:,} tournaments)   next checkpoint in {next_checkpoint}   "
-        f"rollbacks {state.rollbacks}   inner steps {state.inner_steps:,}",
-    ]  # fmt: skip
+    health_lines = _health_lines(state, in_flight, elapsed)
     # Rows: header panel 4, members n + 3, health lines + 2, events panel lines + 2.
     room = height - 4 - (len(state.members) + 3) - (len(health_lines) + 2)
     shown = min(EVENTS_SHOWN, room - 2)

@@ -1,7 +1,7 @@
 """Reading a run's ``events.jsonl`` back: what the numbers in BENCHMARKS.md come from.
 
-    python -m selfloop.history checkpoints/default/events.jsonl [--plot history.png]
-    python -m selfloop.history --ablation all=checkpoints/a/events.jsonl no-guard=checkpoints/b/events.jsonl
+    python -m selfloop.observe.history checkpoints/default/events.jsonl [--plot history.png]
+    python -m selfloop.observe.history --ablation all=checkpoints/a/events.jsonl no-guard=checkpoints/b/events.jsonl
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfloop.baselines import ADAM_LEARNING_RATES
+from selfloop.evaluation import ADAM_LEARNING_RATES
 from selfloop.events import Eval, Event, Round, read_events
 
 
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"halved its starting loss: {halved}; evaluations above 1.5 x running min + 0.05 after that: "
               f"{result.violations} (worst {result.worst_excess:.2f} x the limit); collapses: {result.collapses}")
     if args.plot:
-        from selfloop.figures import PlotExtraMissing, history_figure
+        from selfloop.observe.figures import PlotExtraMissing, history_figure
 
         try:
             history_figure(events, args.plot)
