@@ -128,6 +128,11 @@ class Trainer:
     def run_time(self) -> float:
         return time.time() - self.started
 
+    def mark(self, job: str, state: RunState, at: float | None = None) -> None:
+        """Note in ``state`` that ``job`` ran now (or at run time ``at``), from which its cadence counts."""
+        setattr(state, f"last_{job}_time", self.run_time() if at is None else at)
+        setattr(state, f"last_{job}_round", state.round)
+
     def run_if_due(self, job: str, state: RunState) -> None:
         cadence, run = self.jobs[job]
         since = self.run_time() - getattr(state, f"last_{job}_time"), state.round - getattr(state, f"last_{job}_round")
@@ -219,7 +224,7 @@ class Trainer:
                     unseen = evaluate_members(self.farm.map, self.config.lopt, thetas, self.unseen, cfg.steps,
                                               cfg.chunk, self.unseen_reference)
         except EvaluationFailed as error:
-            state.last_eval_time, state.last_eval_round = self.run_time(), state.round  # due again at its cadence
+            self.mark("eval", state)  # due again at its cadence
             self.log(events.EvalFailed(state.round, str(error)[-2000:]))
             return None
         size = len(state.members)
@@ -235,7 +240,7 @@ class Trainer:
             best_member=int(np.argmin(scores)), members_final=_floats(result.members_final[:size]),
             heldout_set=self.heldout_set, unseen=unseen_scores,
         )
-        state.last_eval_time, state.last_eval_round = self.run_time(), state.round
+        self.mark("eval", state)
         self.log(event)
         return event
 
@@ -314,7 +319,7 @@ class Trainer:
         except ScoringFailed as error:
             event, reason = None, str(error)[-2000:]
         state.pbt_events += 1
-        state.last_pbt_time, state.last_pbt_round = self.run_time(), state.round
+        self.mark("pbt", state)
         if event is None:
             self.log(events.TournamentSkipped(state.round, reason))
         else:
@@ -324,8 +329,8 @@ class Trainer:
         """Write a checkpoint now (crash-safe) and log how long it took."""
         write_started = time.time()
         self.log.show(events.Phase(f"writing checkpoint-{state.round:09d}.h5"))  # the screen only
-        state.elapsed = state.last_checkpoint_time = write_started - self.started
-        state.last_checkpoint_round = state.round
+        state.elapsed = write_started - self.started
+        self.mark("checkpoint", state, at=state.elapsed)
         path = write_checkpoint(self.run_dir, state, self.config)
         prune(self.run_dir, self.config.checkpoint.keep)
         self.log(events.Checkpoint(state.round, state.elapsed, path.name, seconds=time.time() - write_started,
