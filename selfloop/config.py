@@ -204,10 +204,11 @@ class PBTConfig:
     champion_confidence: float = non_negative(2.0)
     # A losing member copies the champion rather than the winner only if the
     # champion beat the winner by this many standard errors of its per-task
-    # advantage on the tournament's tasks (0: any advantage). The champion
-    # changes hands only on a confirmed margin, so it can fall behind a
-    # population that keeps improving; level with the winner, it would win
-    # about every other tournament by chance, each copy a step back.
+    # advantage on the tournament's tasks (0: any advantage). A champion that
+    # has fallen behind the population can still win on a lucky draw; but
+    # copies of the best snapshot are also much of PBT's selection pressure,
+    # which is what improves a population whose meta-gradients carry little
+    # signal, so the default asks no margin (BENCHMARKS.md).
     restore_confidence: float = non_negative(0.0)
 
 

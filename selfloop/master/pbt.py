@@ -11,10 +11,8 @@ copied. The held-out evaluation set is never used here.
 The champion (``pbt.champion``, issue #8): an archive of the best snapshot seen
 (θ, outer-optimizer index and state, K), judged head to head. It is scored in
 every tournament on the same tasks as the pair; the loser copies it instead of
-the winner when it beats the winner by ``pbt.restore_confidence`` standard
-errors of its per-task advantage there (a champion merely level with the
-population wins about half its tournaments by chance, and each copy would set
-a member back to where the population stood when it was crowned). A winner that beats it is a challenger:
+the winner when it beats the winner there (by ``pbt.restore_confidence``
+standard errors of its per-task advantage; by default any margin). A winner that beats it is a challenger:
 both are scored again on ``pbt.champion_confirm_tasks`` further fresh tasks, and
 the challenger replaces the champion only if it wins there too, by a margin of
 ``pbt.champion_confidence`` standard errors of its per-task advantage (with a
