@@ -127,7 +127,7 @@ def _flat(tree):
 
 def test_dask_local_cluster_gives_the_local_pool_result(local_farm, smoke_config):
     distributed = pytest.importorskip("distributed")
-    from selfloop.farm.engines import DaskFarm
+    from selfloop.farm.cluster import DaskFarm
 
     state = RunState(members=init_population(smoke_config))
     units = make_units(state)

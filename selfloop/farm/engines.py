@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 
-from selfloop.farm.worker import compile_seconds, prepare_process, to_host, worker_main
+from selfloop.farm.worker import compile_seconds, worker_main
 from selfloop.store.rundir import RunDir
 
 
@@ -219,7 +219,7 @@ class LocalFarm:
 
     def broadcast(self, fn: Callable) -> list:
         """Run ``fn()`` once on every worker, all at once; returns each result."""
-        payload = cloudpickle.dumps((_call, fn))
+        payload = cloudpickle.dumps((call, fn))
         for worker in self.workers:
             worker.conn.send((("broadcast", worker.slot), payload))
         results = []
@@ -296,76 +296,8 @@ class LocalFarm:
                 worker.process.kill() if now else worker.process.terminate()
 
 
-def _call(fn: Callable) -> Any:
+def call(fn: Callable) -> Any:
     return fn()
-
-
-def _dask_call(fn: Callable, item: Any, cache_root: str | None) -> Any:
-    prepare_process(None, cache_root, None)
-    return to_host(fn(item))
-
-
-class DaskFarm:
-    """The same units on a Dask distributed cluster (``dask worker --nthreads 1``)."""
-
-    def __init__(self, address_or_cluster: Any, cache_root: str | None = None, max_attempts: int = 3,
-                 connect_seconds: float = 20.0):
-        try:
-            from distributed import Client
-        except ModuleNotFoundError:
-            raise FarmUnavailable('the dask engine needs distributed: pip install -e ".[dask]"') from None
-        try:
-            self.client = Client(address_or_cluster, timeout=connect_seconds)
-        except (OSError, TimeoutError) as error:
-            raise FarmUnavailable(f"farm.scheduler: cannot reach the Dask scheduler at {address_or_cluster} "
-                                  f"within {connect_seconds:.0f} s ({error})") from None
-        self.cache_root, self.max_attempts = cache_root, max_attempts
-        self.stats = FarmStats(workers=len(self.client.scheduler_info()["workers"]))
-        self.should_stop: Callable[[], bool] = never
-        self.progress: Progress | None = None
-
-    def map(self, fn: Callable, items: list, cost: list[float] | None = None) -> list:
-        rank = {index: len(items) - position for position, index in enumerate(dispatch_order(len(items), cost))}
-        futures = [
-            self.client.submit(_dask_call, fn, item, self.cache_root, pure=False, retries=self.max_attempts - 1,
-                               priority=rank[index])  # Dask runs higher priorities first
-            for index, item in enumerate(items)
-        ]
-        results = []
-        for index, future in enumerate(futures):
-            try:
-                while not future.done():
-                    if self.should_stop():
-                        self.client.cancel(futures)
-                        raise Interrupted
-                    distributed_wait(future, timeout=1.0)
-                results.append(future.result())
-                if self.progress:
-                    self.progress(index + 1, len(items))
-            except Interrupted:
-                raise
-            except Exception as error:  # noqa: BLE001 - reported as a failed unit
-                self.stats.failures += 1
-                results.append(UnitFailure(index, repr(error), self.max_attempts))
-        return results
-
-    def broadcast(self, fn: Callable) -> list:
-        """Run ``fn()`` once on every Dask worker."""
-        cache_root = self.cache_root
-        return list(self.client.run(lambda: _dask_call(_call, fn, cache_root)).values())
-
-    def close(self, now: bool = False) -> None:
-        self.client.close()
-
-
-def distributed_wait(future, timeout: float) -> None:
-    """Wait for ``future`` at most ``timeout`` seconds (returns either way)."""
-    from distributed import wait
-
-    try:
-        wait(future, timeout=timeout)
-    except TimeoutError:
-        pass
 
 
 def make_farm(config, run_dir: Path):
@@ -374,6 +306,8 @@ def make_farm(config, run_dir: Path):
     if config.engine == "inprocess":
         return InProcessFarm(config.max_attempts)
     if config.engine == "dask":
+        from selfloop.farm.cluster import DaskFarm
+
         return DaskFarm(config.scheduler, cache, config.max_attempts, config.connect_seconds)
     farm = LocalFarm(usable_workers(config.workers)[0], cache, RunDir(run_dir).workers, config.max_attempts)
     farm.wait_ready()
