@@ -358,16 +358,20 @@ def read_events(path: str | Path) -> list[Event]:
     unreadable line is skipped with a warning; so are kinds this version does
     not know."""
     path = RunDir(Path(path)).events if Path(path).is_dir() else Path(path)
-    events = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        try:
-            event = from_record(json.loads(line))
-        except (json.JSONDecodeError, UnreadableRecord, AttributeError) as error:
-            print(f"{path}:{number}: skipping an unreadable line ({error})", file=sys.stderr)
-            continue
-        if event is not None:
-            events.append(event)
-    return surviving(events)
+    lines = enumerate(Path(path).read_text().splitlines(), start=1)
+    events = [parse_line(line, f"{path}:{number}") for number, line in lines]
+    return surviving([e for e in events if e is not None])
+
+
+def parse_line(line: str | bytes, where: str) -> Event | None:
+    """The event one line of a log holds; None (with a warning naming ``where``)
+    for a line that is not a readable record, and for kinds this version does
+    not know."""
+    try:
+        return from_record(json.loads(line))
+    except (json.JSONDecodeError, UnicodeDecodeError, UnreadableRecord, AttributeError) as error:
+        print(f"{where}: skipping an unreadable line ({error})", file=sys.stderr)
+        return None
 
 
 def surviving(events: list[Event]) -> list[Event]:

@@ -114,3 +114,15 @@ def test_summary_counts_inner_steps_and_rail_use():
     rails = rail_use(records)
     assert (rails.outer_steps, rails.shortened) == (5, 3) and rails.shortened_fraction == pytest.approx(0.6)
     assert "shortened by the step rail 60.0%" in summary(records)
+
+
+def test_a_log_with_unknown_kinds_and_incomplete_records_reads_what_it_can(tmp_path, capsys):
+    log = tmp_path / "events.jsonl"
+    kept = _eval(0, [1.0, 1.2])
+    log.write_text("\n".join([json.dumps(to_record(kept)), '{"kind": "from_a_later_version", "x": 1}',
+                              '{"kind": "round", "round": 3}', "[1, 2]"]) + "\n")  # fmt: skip
+    (event,) = read_events(log)
+    assert event.best == kept.best and event.members == kept.members
+    warnings = capsys.readouterr().err
+    assert f"{log}:3: skipping an unreadable line (a 'round' record" in warnings and f"{log}:4:" in warnings
+    assert ":2:" not in warnings  # a kind this version does not know is passed over quietly

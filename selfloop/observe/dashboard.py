@@ -369,7 +369,6 @@ def watch(events: str, follow: bool = True, seconds: float = 0.0) -> None:
     (from another terminal, or another node on the shared filesystem): its
     events so far, then new ones as the master appends them (``follow``),
     for ``seconds`` (0: until Ctrl-C)."""
-    import json
     from pathlib import Path
 
     dashboard = LiveDashboard()
@@ -383,7 +382,7 @@ def watch(events: str, follow: bool = True, seconds: float = 0.0) -> None:
                         if not line.endswith(b"\n"):
                             break  # the master is still writing it
                         position += len(line)
-                        event = ev.from_record(json.loads(line))
+                        event = ev.parse_line(line, f"{path}, byte {position - len(line)}")
                         if event is not None:
                             dashboard(event)
                 if (seconds and time.time() - started >= seconds) or not (follow or seconds):
