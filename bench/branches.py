@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from selfloop.events import Eval, Round, read_events
+from selfloop.events import Eval, Round, of_type, read_events
 from selfloop.observe.history import inner_steps_at_evals, rail_use
 from selfloop.store.checkpoint import list_checkpoints
 
@@ -49,7 +49,7 @@ def branch_table(runs: dict[str, Path], branched_at: int) -> str:
         events = read_events(run_dir / "events.jsonl")
         start = next(e for e in reversed(events[:branched_at]) if isinstance(e, Round))
         new = events[branched_at:]  # what the branch wrote itself; its log starts with the source's
-        evals = [e for e in new if isinstance(e, Eval)]
+        evals = of_type(new, Eval)
         steps = inner_steps_at_evals(new)
         cells = [f"{e.best:.3f} ({e.champion:.3f}) @ {(e.elapsed - start.elapsed) / 60:.1f}, "
                  f"{(s - start.inner_steps) / 1e6:.2f}" for e, s in zip(evals, steps)]

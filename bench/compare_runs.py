@@ -17,8 +17,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-from selfloop.events import Eval, Event, Round, read_events
-from selfloop.observe.history import inner_steps_at_evals, of_type, rail_use
+from selfloop.events import Eval, Event, Round, of_type, read_events
+from selfloop.observe.history import inner_steps_at_evals, rail_use
 
 
 def best_within(events: list[Event], minutes: float | None = None, inner_millions: float | None = None) -> float:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from selfloop.events import Eval, read_events
+from selfloop.events import Eval, of_type, read_events
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,7 +37,7 @@ def launch(label: str, extra: list[str], seeds: int, first_core: int, args) -> l
 
 
 def describe(label: str, seed: int, out: Path) -> tuple[str, float, float, float]:
-    evals = [e for e in read_events(out / f"{label}-seed{seed}" / "events.jsonl") if isinstance(e, Eval)]
+    evals = of_type(read_events(out / f"{label}-seed{seed}" / "events.jsonl"), Eval)
     start, end, lowest = evals[0].best, evals[-1].best, min(e.best for e in evals)
     print(f"{label:<10}{seed:>5}{start:>8.3f}{end:>8.3f}{lowest:>8.3f}{len(evals):>7}"
           f"{evals[-1].adam_best_fixed:>8.3f}{evals[-1].adam_tuned:>8.3f}")

@@ -265,6 +265,11 @@ KINDS: dict[str, type[Event]] = {cls.kind: cls for cls in (
 )}  # fmt: skip
 
 
+def of_type(events: list[Event], kind: type) -> list:
+    """The events of one type, in order."""
+    return [e for e in events if isinstance(e, kind)]
+
+
 def to_record(event: Event) -> dict:
     """The event as a plain dict, its kind first."""
     return {"kind": event.kind, **dataclasses.asdict(event)}

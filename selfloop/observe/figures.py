@@ -51,10 +51,10 @@ def figure2(curves, out: Path, title: str = "") -> None:
 
 def history_figure(events: list, out: Path) -> None:
     """Each member's held-out loss over run time, PBT exploits and rollbacks marked."""
-    from selfloop.events import Eval, Rollback, Round, Tournament
+    from selfloop.events import Eval, Rollback, Round, Tournament, of_type
 
     plt = _pyplot()
-    evals = [e for e in events if isinstance(e, Eval)]
+    evals = of_type(events, Eval)
     minutes = [e.elapsed / 60 for e in evals]
     figure, axis = plt.subplots(figsize=(10, 5.5))
     for i in range(len(evals[0].members)):
@@ -67,11 +67,11 @@ def history_figure(events: list, out: Path) -> None:
     axis.plot(minutes, [1.5 * m + 0.05 for m in running], color="grey", ls=":", label="1.5 x running min + 0.05")
     axis.axhline(evals[-1].adam_best_fixed, color="tab:blue", ls="--", label="Adam, best fixed lr")
     axis.axhline(evals[-1].adam_tuned, color="navy", ls="-.", label="Adam, tuned per task")
-    by_round = {e.round: e.elapsed for e in events if isinstance(e, Round)}
+    by_round = {e.round: e.elapsed for e in of_type(events, Round)}
     for kind, marker, color, label in ((Tournament, "|", "tab:green", "PBT exploit"),
                                        (Rollback, "x", "tab:red", "guard rollback")):  # fmt: skip
         # Rollbacks carry only a round: place them at that round's time.
-        times = [by_round.get(e.round) for e in events if isinstance(e, kind)]
+        times = [by_round.get(e.round) for e in of_type(events, kind)]
         times = [t / 60 for t in times if t is not None]
         axis.plot(times, [0.02] * len(times), marker, color=color, ms=8, ls="none", label=label)
     axis.set(xlabel="run time (minutes)", ylabel="held-out mean normalized loss", ylim=(0, 1.6),

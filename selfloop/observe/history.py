@@ -12,17 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selfloop.evaluation import ADAM_LEARNING_RATES
-from selfloop.events import Eval, Event, Round, read_events
+from selfloop.events import Eval, Event, Round, of_type, read_events
 
 
 def first_time_below(evals: list[Eval], threshold: str) -> float | None:
     """Elapsed seconds of the first evaluation whose best member beat Adam's ``threshold``
     (``"adam_best_fixed"`` or ``"adam_tuned"``)."""
     return next((e.elapsed for e in evals if e.best < getattr(e, threshold)), None)
-
-
-def of_type(events: list[Event], kind: type) -> list:
-    return [e for e in events if isinstance(e, kind)]
 
 
 def inner_steps_at_evals(events: list[Event]) -> list[int]:
