@@ -43,6 +43,7 @@ ADDED_KEYS: dict[str, Any] = {
     "pbt.step_scale_factor": 1.0,
     "eval.unseen_families": (),
     "pbt.restore_confidence": 0.0,
+    "pbt.champion_record": 0,
 }
 
 
@@ -210,6 +211,15 @@ class PBTConfig:
     # which is what improves a population whose meta-gradients carry little
     # signal, so the default asks no margin (BENCHMARKS.md).
     restore_confidence: float = non_negative(0.0)
+    # The champion is retired (the tournament's winner crowned in its place)
+    # once, over this many recent tournaments, its mean score is worse than
+    # the mean of the pairs it met there (0: never). A challenge needs a clear
+    # margin on a few tasks; an optimizer that is a little faster on most
+    # tasks and diverges on a few wins such small samples, and as champion
+    # would be copied for the rest of the run. Its tournament record is free:
+    # the champion is scored on every tournament's tasks anyway. Off by
+    # default: paired seeds did not learn faster with it (BENCHMARKS.md).
+    champion_record: int = non_negative(0)
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,8 @@ class Tournament(Event):
     confirm_champion_score: float = NAN
     confirm_t: float = NAN  # the winner's mean advantage there, in standard errors
     restore_t: float = NAN  # the champion's mean advantage over the winner on the tournament's tasks
+    champion_record: float = NAN  # the champion's record: mean score minus its pairs' (> 0: worse)
+    champion_retired: bool = False  # the record was worse over pbt.champion_record tournaments
     step_scale: float = 1.0  # the loser's outer step scale after the event
     elapsed: float = NAN  # run time (set by the trainer)
 

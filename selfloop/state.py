@@ -58,6 +58,9 @@ class Champion(Snapshot):
 
     source: int = -1  # the member it was taken from
     round: int = 0  # when
+    # Its record since it was crowned: in each recent tournament, its mean
+    # per-task score minus the pair's (> 0: worse than the members it met).
+    record: tuple[float, ...] = ()
 
 
 @dataclass

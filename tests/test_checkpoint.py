@@ -134,15 +134,21 @@ def test_a_config_that_changes_what_the_checkpoint_holds_is_refused(smoke_config
     check_resumable(saved, dataclasses.replace(smoke_config, farm=farm, run=run), "run")
 
 
-def test_a_checkpoint_from_before_step_scales_loads_with_scale_one(smoke_config, tmp_path):
-    trainer = Trainer(smoke_config, tmp_path, report=lambda r: None)
+def _rounds_with_tournaments(config, run_dir: Path, rounds: int):
+    """A smoke run of ``rounds`` rounds, each followed by a tournament when due, then
+    a checkpoint; its state and the checkpoint's path."""
+    trainer = Trainer(config, run_dir, report=lambda r: None)
     state = trainer.new_state()
-    for _ in range(6):
+    for _ in range(rounds):
         trainer.run_round(state)
         trainer.run_if_due("pbt", state)
     trainer.checkpoint(state)
+    return state, list_checkpoints(run_dir)[0]
+
+
+def test_a_checkpoint_from_before_step_scales_loads_with_scale_one(smoke_config, tmp_path):
+    state, path = _rounds_with_tournaments(smoke_config, tmp_path, 6)
     assert state.champion is not None and len({m.step_scale for m in state.members}) > 1  # PBT explored them
-    path = list_checkpoints(tmp_path)[0]
     with h5py.File(path, "r+") as handle:
         for i in range(smoke_config.population.size):
             del handle[f"members/{i:03d}"].attrs["step_scale"]
@@ -150,6 +156,18 @@ def test_a_checkpoint_from_before_step_scales_loads_with_scale_one(smoke_config,
     resumed = read_checkpoint(path, smoke_config)
     assert [m.step_scale for m in resumed.members] == [1.0] * smoke_config.population.size
     assert resumed.champion.step_scale == 1.0
+
+
+def test_the_champion_record_round_trips_and_is_empty_in_a_checkpoint_from_before_it(smoke_config, tmp_path):
+    # No challenge can win: the first champion stays and keeps its record.
+    pbt = dataclasses.replace(smoke_config.pbt, champion_record=50, champion_confidence=1e9)
+    config = dataclasses.replace(smoke_config, pbt=pbt)
+    state, path = _rounds_with_tournaments(config, tmp_path, 8)
+    assert len(state.champion.record) > 1
+    assert read_checkpoint(path, config).champion.record == state.champion.record
+    with h5py.File(path, "r+") as handle:
+        del handle["champion/record"]
+    assert read_checkpoint(path, config).champion.record == ()
 
 
 def _flip_a_bit(path: Path, dataset: str) -> None:

@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from selfloop.config import LOptConfig
 from selfloop.farm.engines import InProcessFarm
@@ -17,6 +18,8 @@ from selfloop.master.pbt import (
     crown,
     exploit,
     explore,
+    is_stale,
+    keep_record,
     tournament,
     tournament_tasks,
 )
@@ -227,3 +230,51 @@ def test_the_loser_copies_the_champion_only_when_it_beat_the_winner_by_the_confi
         if chance_wins >= 2:
             return
     raise AssertionError(f"the champion beat the winner only {chance_wins} times: nothing was tested")
+
+
+def test_the_champion_record_is_its_mean_score_minus_the_pairs_over_recent_tournaments(smoke_config):
+    champion = crown(init_population(smoke_config)[0], 0, round_index=0)
+    per_task = np.array([[0.2, 0.4, 0.5], [0.4, 0.6, 0.3]])  # [task, (a, b, champion)]
+    once = keep_record(champion, per_task, window=3)
+    assert once.record == (pytest.approx(0.4 - 0.4),) and champion.record == ()
+    worse = np.array([[0.2, 0.2, 0.9], [0.2, 0.2, 0.9]])
+    full = keep_record(keep_record(keep_record(once, worse, 3), worse, 3), worse, 3)
+    assert full.record == pytest.approx((0.7, 0.7, 0.7))  # only the newest 3 kept
+    one_diverged = np.array([[0.2, np.inf, 0.5], [0.4, np.inf, 0.3]])  # the finite member alone is the pair
+    assert keep_record(champion, one_diverged, 3).record == (pytest.approx(0.1),)
+    assert keep_record(champion, np.full((2, 3), np.inf), 3) is champion
+    assert keep_record(champion, worse, 0) is champion  # off
+    assert not is_stale(keep_record(once, worse, 3), 3)  # two tournaments: too few to judge
+    assert is_stale(full, 3) and not is_stale(full, 0) and not is_stale(None, 3)
+    better = dataclasses.replace(full, record=(0.7, -0.5, -0.5))
+    assert not is_stale(better, 3)
+
+
+def test_a_champion_with_a_worse_record_is_retired_even_when_it_wins_the_tournament(smoke_config):
+    # The collapsed pair of the test above: the champion beats the winner here,
+    # but its record says it lost to its pairs before; the winner is crowned
+    # and the loser copies the winner, not the retired champion.
+    pbt = dataclasses.replace(smoke_config.pbt, p_outer_redraw=0.0, p_truncation_redraw=0.0, champion_record=3)
+    config = dataclasses.replace(smoke_config, pbt=pbt, lopt=LOptConfig(features="per_tensor", odd=False))
+    members = init_population(config)
+    stale = dataclasses.replace(crown(members[0], 0, round_index=3), record=(2.0, 2.0))
+    for member in members:
+        member.theta = _scaled(member.theta, 1e6)
+    event, after = tournament(members, InProcessFarm().map, config, np.random.default_rng(0), 0, 10, stale)
+    assert event.champion_score < event.winner_score  # it won this one
+    assert event.champion_retired and event.champion_replaced and event.source == "winner"
+    assert event.champion_record == pytest.approx(np.mean((2.0, 2.0, event.champion_score - np.mean(
+        [event.winner_score, event.loser_score]))))  # fmt: skip
+    assert after.source == event.winner and after.round == 10 and after.record == ()
+
+    # A winner that is an unstepped copy of the stale champion does not retire it.
+    copies = init_population(config)
+    for member in copies:
+        member.theta = stale.theta
+    event, after = tournament(copies, InProcessFarm().map, config, np.random.default_rng(0), 2, 12, stale)
+    assert not event.champion_retired and len(after.record) == 3
+
+    # The same champion with no record against it is kept and restores the loser.
+    fresh = dataclasses.replace(stale, record=())
+    event, after = tournament(members, InProcessFarm().map, config, np.random.default_rng(0), 1, 11, fresh)
+    assert not event.champion_retired and event.source == "champion" and len(after.record) == 1

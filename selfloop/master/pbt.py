@@ -18,8 +18,13 @@ the challenger replaces the champion only if it wins there too, by a margin of
 ``pbt.champion_confidence`` standard errors of its per-task advantage (with a
 tournament every second, any margin let the champion random-walk on noise). A population
 that has collapsed, or drifted, can thus always recover what it once reached,
-and the champion changes only by losing twice on the training distribution.
-Another rail, not an update rule: it only ever holds weights lopts produced.
+and the champion changes only by losing twice on the training distribution,
+or by retiring: with ``pbt.champion_record`` on, it keeps a record of how it
+scored against each recent tournament's pair, and once it has been worse than
+its pairs on average over that many tournaments, the winner is crowned instead
+(a champion that is a little faster on most tasks and diverges on a few beats
+small samples; its record sees the divergences). Another rail, not an update
+rule: it only ever holds weights lopts produced.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import jax
 import numpy as np
 
 from selfloop.config import Config
@@ -163,6 +169,28 @@ class Bout:
     restore_t: float = float("nan")  # the champion's per-task advantage over the winner, in standard errors
 
 
+def keep_record(champion: Champion, per_task: np.ndarray, window: int) -> Champion:
+    """The champion with this tournament in its record (the newest ``window``
+    kept): its mean score minus the mean of the pair's finite scores, from
+    [task, contestant] scores whose last column is the champion's."""
+    pair = per_task[:, :2].mean(axis=0)
+    pair = pair[np.isfinite(pair)]
+    if window == 0 or not pair.size:
+        return champion
+    entry = float(per_task[:, 2].mean() - pair.mean())
+    return dataclasses.replace(champion, record=(*champion.record, entry)[-window:])
+
+
+def is_stale(champion: Champion | None, window: int) -> bool:
+    """Worse than the members it met, on average over ``window`` tournaments (0: never)."""
+    return (champion is not None and window > 0 and len(champion.record) >= window
+            and float(np.mean(champion.record)) > 0)
+
+
+def same_weights(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
 def judge(per_task: np.ndarray, a: int, b: int) -> Bout:
     """The bout of members ``a`` and ``b`` from their [task, contestant] scores
     (columns a, b, then the champion's if there is one)."""
@@ -176,15 +204,17 @@ def judge(per_task: np.ndarray, a: int, b: int) -> Bout:
 
 
 def settle_champion(map_fn, config: Config, members: list[Member], bout: Bout, champion: Champion | None,
-                    event_index: int, round_index: int) -> tuple[Challenge, bool, Champion | None]:
-    """Challenge the champion if the winner beat it; returns the challenge, whether the
-    champion was replaced, and the champion after it."""
-    challenged = champion is not None and bout.winner_score < bout.champion_score
+                    event_index: int, round_index: int,
+                    retire: bool = False) -> tuple[Challenge, bool, Champion | None]:
+    """Crown the winner if the champion retires, else challenge the champion if the
+    winner beat it; returns the challenge, whether the champion was replaced, and
+    the champion after it."""
+    challenged = not retire and champion is not None and bout.winner_score < bout.champion_score
     challenge = Challenge()
     if challenged and config.pbt.champion_confirm_tasks:
         challenge = challenge_champion(map_fn, config, members[bout.winner], champion, event_index)
     confirmed = challenge.won if config.pbt.champion_confirm_tasks else True
-    replaced = config.pbt.champion and (champion is None or challenged and confirmed)
+    replaced = config.pbt.champion and (champion is None or retire or challenged and confirmed)
     if replaced:
         champion = crown(members[bout.winner], bout.winner, round_index)
     return challenge, replaced, champion
@@ -210,13 +240,20 @@ def tournament(
     if not np.isfinite(per_task.mean(axis=0)[:2]).any():
         return None, champion
     bout, pbt = judge(per_task, a, b), config.pbt
-    from_champion = bout.champion_score < bout.winner_score and bout.restore_t >= pbt.restore_confidence
+    if champion is not None:
+        champion = keep_record(champion, per_task, pbt.champion_record)
+    record = float(np.mean(champion.record)) if champion is not None and champion.record else math.nan
+    # A winner that is a copy of the champion, not yet stepped, would only crown it again.
+    retired = is_stale(champion, pbt.champion_record) and not same_weights(members[bout.winner].theta,
+                                                                           champion.theta)
+    from_champion = (not retired and bout.champion_score < bout.winner_score
+                     and bout.restore_t >= pbt.restore_confidence)
     if from_champion:
         restore_champion(members, champion, bout.loser)
     else:
         exploit(members, bout.winner, bout.loser)
     challenge, replaced, champion = settle_champion(map_fn, config, members, bout, champion, event_index,
-                                                    round_index)
+                                                    round_index, retired)
     loser = members[bout.loser]
     outer_redrawn, truncation_redrawn = explore(rng, loser, len(members), config.population.truncations,
                                                 pbt.p_outer_redraw, pbt.p_truncation_redraw, pbt.step_scale_factor)
@@ -228,5 +265,5 @@ def tournament(
         truncation=loser.truncation, source="champion" if from_champion else "winner",
         champion_score=bout.champion_score, champion_replaced=replaced, confirm_winner_score=challenge.winner_score,
         confirm_champion_score=challenge.champion_score, confirm_t=challenge.t, restore_t=bout.restore_t,
-        step_scale=loser.step_scale,
+        champion_record=record, champion_retired=retired, step_scale=loser.step_scale,
     ), champion

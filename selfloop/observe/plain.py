@@ -46,6 +46,8 @@ def _round(event: ev.Round) -> str:
 def _champion_part(event: ev.Tournament) -> str | None:
     """What a tournament did to the champion (None: nothing to say)."""
     champion, challenger = event.champion_score, event.confirm_winner_score
+    if event.champion_retired:
+        return f"champion {champion:.3f} retired (record {event.champion_record:+.3f} against its pairs)"
     if challenger == challenger:  # not nan: the winner challenged the champion on further tasks
         verdict = "replaced" if event.champion_replaced else "kept"
         return (f"champion {champion:.3f}, challenge {challenger:.3f} vs {event.confirm_champion_score:.3f} "

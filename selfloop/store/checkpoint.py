@@ -10,7 +10,7 @@ be killed at any moment and restarted on any node that sees the directory:
   /members/NNN/outer_state/...   the outer optimizer's per-weight state for θ (momenta, step)
   /members/NNN/history     held-out scores so far
   /members/NNN/guard       attrs: smoothed meta-loss and its best; best_theta/, best_outer_state/
-  /champion                the PBT champion (best snapshot seen): attrs, theta/, outer_state/
+  /champion                the PBT champion (best snapshot seen): attrs, theta/, outer_state/, record
   /members/NNN/slots/S     attrs: the inner task (family, bucket, seed, settings);
                            state/...: the persistent inner problem exactly as the next unit gets it
                            (episode constants and counters, the ES/PES particles' weights and
@@ -134,6 +134,8 @@ def _write_champion(group: h5py.Group, champion: Champion) -> None:
         group.attrs[name] = getattr(champion, name)
     write_tree(group, "theta", champion.theta, "the champion's learned-optimizer weights θ")
     write_tree(group, "outer_state", champion.outer_state, "its outer optimizer's state for θ")
+    write_dataset(group, "record", np.asarray(champion.record, np.float64))
+    group["record"].attrs["description"] = "per recent tournament: its mean score minus the pair's (> 0: worse)"
 
 
 def write_checkpoint(run_dir: Path, state: RunState, config: Config) -> Path:
@@ -335,6 +337,7 @@ def read_checkpoint(path: Path, config: Config) -> RunState:
                     theta=read_tree(group, "theta", templates.theta, where),
                     outer_state=read_tree(group, "outer_state", templates.outer_state, where),
                     **{name: int(group.attrs[name]) for name in CHAMPION_FIELDS}, **_added_fields(group),
+                    record=tuple(float(x) for x in group["record"][()]) if "record" in group else (),
                 )
     except (OSError, KeyError) as error:
         raise CheckpointError(f"{where}: unreadable ({error})") from None

@@ -1,0 +1,132 @@
+"""Does a tournament pick the better optimizer? The champion's tail, and its record.
+
+Scores every member and the PBT champion of a run's newest checkpoint on
+``--tasks`` fresh training-distribution tasks with the tournament's score
+(mean over ``pbt.steps`` of ℓ/ℓ_init), and takes their mean there as the
+truth. Then, resampling those tasks, it prints how often the run's PBT rules
+reach the verdict the truth gives, for the champion against the best member
+and against the median member:
+
+- ``tournament``: the member scores below the champion on E = ``pbt.tasks``
+  tasks (the loser copies the champion otherwise);
+- ``challenge``: the member also beats it on ``pbt.champion_confirm_tasks``
+  further tasks by ``pbt.champion_confidence`` standard errors (it replaces
+  the champion);
+- ``record W``: over W tournaments against random pairs of members, the
+  champion's mean score is worse than its pairs' (``pbt.champion_record``
+  retires it).
+
+It also prints the champion's per-task advantage by family: a champion that
+is a little faster on most tasks and diverges on a few wins small samples.
+
+    python bench/tournament_power.py checkpoints/default --tasks 90
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from selfloop.farm.engines import LocalFarm
+from selfloop.farm.worker import configure_jax
+from selfloop.master.pbt import advantage_t, task_scores, tournament_tasks
+from selfloop.store.checkpoint import list_checkpoints, read_checkpoint, saved_config
+
+STREAM = 0x70E  # this bench's training tasks, disjoint from any run's tournaments
+
+
+def scores_of(run_dir: Path, tasks: int, cache: str):
+    """(config, names, [task, optimizer] scores, task families) of the newest checkpoint."""
+    path = list_checkpoints(run_dir)[0]
+    config = saved_config(path)
+    state = read_checkpoint(path, config)
+    if state.champion is None:
+        raise SystemExit(f"{path}: no champion to study")
+    contestants = [SimpleNamespace(theta=m.theta) for m in state.members] + [state.champion]
+    names = [f"m{i}" for i in range(len(state.members))] + ["champion"]
+    specs = tournament_tasks(config, 0, tasks, STREAM)
+    configure_jax(cache)
+    farm = LocalFarm(cache_root=cache, log_dir=Path(tempfile.mkdtemp()))
+    farm.wait_ready()
+    try:
+        per_task = task_scores(farm.map, config, contestants, specs)
+    finally:
+        farm.close()
+    return config, names, per_task, np.array([s.family for s in specs])
+
+
+def verdict_rates(per_task: np.ndarray, member: int, pbt, draws: int,
+                  rng: np.random.Generator) -> tuple[float, float]:
+    """How often a tournament, and a tournament and its challenge, find ``member``
+    better than the champion (the last column)."""
+    advantage = per_task[:, -1] - per_task[:, member]  # > 0: the member did better
+    tournament = challenge = 0
+    for _ in range(draws):
+        if advantage[rng.integers(len(advantage), size=pbt.tasks)].mean() > 0:
+            tournament += 1
+            further = advantage[rng.integers(len(advantage), size=pbt.champion_confirm_tasks)]
+            challenge += further.mean() > 0 and advantage_t(further) >= pbt.champion_confidence
+    return tournament / draws, challenge / draws
+
+
+def retire_rate(per_task: np.ndarray, window: int, tasks: int, draws: int, rng: np.random.Generator) -> float:
+    """How often the champion's record over ``window`` tournaments of ``tasks``
+    tasks against random pairs of members says it is worse than its pairs."""
+    members = per_task.shape[1] - 1
+    retired = 0
+    for _ in range(draws):
+        entries = []
+        for _ in range(window):
+            pair = rng.choice(members, size=2, replace=False)
+            drawn = rng.integers(per_task.shape[0], size=tasks)
+            entries.append(per_task[drawn, -1].mean() - per_task[np.ix_(drawn, pair)].mean())
+        retired += np.mean(entries) > 0
+    return retired / draws
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--tasks", type=int, default=90, help="fresh training tasks: the truth")
+    parser.add_argument("--windows", type=int, nargs="+", default=[10, 20, 40], help="record lengths, tournaments")
+    parser.add_argument("--draws", type=int, default=4000, help="resamples per rate")
+    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "selfloop-bench-cache"))
+    args = parser.parse_args()
+    if not list_checkpoints(args.run_dir):
+        raise SystemExit(f"{args.run_dir}: no checkpoint")
+    config, names, per_task, families = scores_of(args.run_dir, args.tasks, args.cache)
+    truth = per_task.mean(axis=0)
+    print(f"{args.run_dir}: {args.tasks} training tasks × {config.pbt.steps} steps, mean ℓ/ℓ_init")
+    print("  " + "  ".join(f"{n} {s:.3f}" for n, s in zip(names, truth)))
+    order = np.argsort(truth[:-1])
+    rng = np.random.default_rng(0)
+    pbt = config.pbt
+    for label, member in (("best member", order[0]), ("median member", order[len(order) // 2])):
+        gap = truth[-1] - truth[member]
+        tournament, challenge = verdict_rates(per_task, member, pbt, args.draws, rng)
+        print(f"\nchampion against the {label} ({names[member]}): the truth says "
+              f"{'the member' if gap > 0 else 'the champion'} is better by {abs(gap):.3f}")
+        print(f"  P(a tournament of {pbt.tasks} tasks finds the member better)        {tournament:.2f}")
+        print(f"  P(... and it wins a challenge of {pbt.champion_confirm_tasks} at t >= {pbt.champion_confidence:g})"
+              f"           {challenge:.2f}")
+    gap = truth[-1] - truth[:-1].mean()
+    print(f"\nchampion against the members' mean: the truth says "
+          f"{'the members are' if gap > 0 else 'the champion is'} better by {abs(gap):.3f}")
+    for window in args.windows:
+        rate = retire_rate(per_task, window, pbt.tasks, args.draws, rng)
+        print(f"  P(a record of {window} tournaments against random pairs retires the champion)  {rate:.2f}")
+    advantage = per_task[:, -1] - np.median(per_task[:, :-1], axis=1)
+    print("\nthe champion's score minus the median member's, by family (> 0: the champion is worse)")
+    print(f"  {'family':<16}{'mean':>8}{'median':>8}{'worst':>8}")
+    for family in dict.fromkeys(families):
+        values = advantage[families == family]
+        print(f"  {family:<16}{values.mean():>+8.3f}{np.median(values):>+8.3f}{values.max():>+8.3f}")
+    print(f"  {'all':<16}{advantage.mean():>+8.3f}{np.median(advantage):>+8.3f}{advantage.max():>+8.3f}")
+
+
+if __name__ == "__main__":
+    main()
