@@ -14,11 +14,13 @@ from selfloop.farm.engines import InProcessFarm
 from selfloop.master.pbt import (
     CONFIRM_STREAM,
     COPIED,
+    Bout,
     advantage_t,
     crown,
     exploit,
     explore,
     is_stale,
+    judge,
     keep_record,
     tournament,
     tournament_tasks,
@@ -234,15 +236,15 @@ def test_the_loser_copies_the_champion_only_when_it_beat_the_winner_by_the_confi
 
 def test_the_champion_record_is_its_mean_score_minus_the_pairs_over_recent_tournaments(smoke_config):
     champion = crown(init_population(smoke_config)[0], 0, round_index=0)
-    per_task = np.array([[0.2, 0.4, 0.5], [0.4, 0.6, 0.3]])  # [task, (a, b, champion)]
-    once = keep_record(champion, per_task, window=3)
+    bout = judge(np.array([[0.2, 0.4, 0.5], [0.4, 0.6, 0.3]]), 0, 1)  # [task, (a, b, champion)]
+    once = keep_record(champion, bout, window=3)
     assert once.record == (pytest.approx(0.4 - 0.4),) and champion.record == ()
-    worse = np.array([[0.2, 0.2, 0.9], [0.2, 0.2, 0.9]])
+    worse = judge(np.array([[0.2, 0.2, 0.9], [0.2, 0.2, 0.9]]), 0, 1)
     full = keep_record(keep_record(keep_record(once, worse, 3), worse, 3), worse, 3)
     assert full.record == pytest.approx((0.7, 0.7, 0.7))  # only the newest 3 kept
-    one_diverged = np.array([[0.2, np.inf, 0.5], [0.4, np.inf, 0.3]])  # the finite member alone is the pair
+    one_diverged = judge(np.array([[0.2, np.inf, 0.5], [0.4, np.inf, 0.3]]), 0, 1)  # the finite member alone
     assert keep_record(champion, one_diverged, 3).record == (pytest.approx(0.1),)
-    assert keep_record(champion, np.full((2, 3), np.inf), 3) is champion
+    assert keep_record(champion, Bout(0, 1, np.inf, np.inf, 0.4), 3) is champion  # no finite pair
     assert keep_record(champion, worse, 0) is champion  # off
     assert not is_stale(keep_record(once, worse, 3), 3)  # two tournaments: too few to judge
     assert is_stale(full, 3) and not is_stale(full, 0) and not is_stale(None, 3)

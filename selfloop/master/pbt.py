@@ -169,15 +169,14 @@ class Bout:
     restore_t: float = float("nan")  # the champion's per-task advantage over the winner, in standard errors
 
 
-def keep_record(champion: Champion, per_task: np.ndarray, window: int) -> Champion:
-    """The champion with this tournament in its record (the newest ``window``
-    kept): its mean score minus the mean of the pair's finite scores, from
-    [task, contestant] scores whose last column is the champion's."""
-    pair = per_task[:, :2].mean(axis=0)
+def keep_record(champion: Champion, bout: Bout, window: int) -> Champion:
+    """The champion with this bout in its record (the newest ``window`` kept):
+    its mean score minus the mean of the pair's finite scores."""
+    pair = np.array([bout.winner_score, bout.loser_score])
     pair = pair[np.isfinite(pair)]
     if window == 0 or not pair.size:
         return champion
-    entry = float(per_task[:, 2].mean() - pair.mean())
+    entry = float(bout.champion_score - pair.mean())
     return dataclasses.replace(champion, record=(*champion.record, entry)[-window:])
 
 
@@ -241,7 +240,7 @@ def tournament(
         return None, champion
     bout, pbt = judge(per_task, a, b), config.pbt
     if champion is not None:
-        champion = keep_record(champion, per_task, pbt.champion_record)
+        champion = keep_record(champion, bout, pbt.champion_record)
     record = float(np.mean(champion.record)) if champion is not None and champion.record else math.nan
     # A winner that is a copy of the champion, not yet stepped, would only crown it again.
     retired = is_stale(champion, pbt.champion_record) and not same_weights(members[bout.winner].theta,
