@@ -17,7 +17,11 @@ and against the median member:
   retires it).
 
 It also prints the champion's per-task advantage by family: a champion that
-is a little faster on most tasks and diverges on a few wins small samples.
+is a little faster on most tasks and diverges on a few wins small samples;
+and, for every pair of members the truth tells apart, how often a comparison
+on E tasks gets their order right, with tasks drawn uniformly and with
+``pbt.task_allocation = "spread"`` (its allocation learned from half of the
+tasks, the draws made from the other half, and the two halves swapped).
 
     python bench/tournament_power.py checkpoints/default --tasks 90
 """
@@ -25,6 +29,7 @@ is a little faster on most tasks and diverges on a few wins small samples.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,7 +38,8 @@ import numpy as np
 
 from selfloop.farm.engines import LocalFarm
 from selfloop.farm.worker import configure_jax
-from selfloop.master.pbt import advantage_t, task_scores, tournament_tasks
+from selfloop.master.pbt import advantage_t, family_probabilities, observe_spread, task_scores, tournament_tasks
+from selfloop.state import FamilySpread
 from selfloop.store.checkpoint import list_checkpoints, read_checkpoint, saved_config
 
 STREAM = 0x70E  # this bench's training tasks, disjoint from any run's tournaments
@@ -88,12 +94,54 @@ def retire_rate(per_task: np.ndarray, window: int, tasks: int, draws: int, rng: 
     return retired / draws
 
 
+def pair_order_rates(config, per_task: np.ndarray, families: np.ndarray, sizes: list[int], draws: int,
+                     rng: np.random.Generator) -> dict[tuple[str, int], float]:
+    """{(allocation, E): P(a comparison on E tasks orders a pair of members as the
+    truth does)}, over the member pairs whose truth differs by 0.005 or more.
+
+    The truth is the mean over families of each family's mean score (the
+    training distribution draws families uniformly). Draws pick a family
+    (uniformly, or by the "spread" allocation learned on the other half of
+    the tasks) and then one of its tasks, weighted as the tournament weights it."""
+    names = list(config.tasks.families)
+    members = per_task[:, :-1]
+    present = [f for f in names if (families == f).any()]
+    truth = np.mean([members[families == f].mean(axis=0) for f in present], axis=0)
+    pairs = [(i, j) for i in range(members.shape[1]) for j in range(i + 1, members.shape[1])
+             if abs(truth[i] - truth[j]) >= 0.005]
+    halves = [np.arange(len(families)) % 2 == h for h in (0, 1)]
+    spread_config = dataclasses.replace(config, pbt=dataclasses.replace(config.pbt, task_allocation="spread"))
+    rates = {}
+    for allocation in ("uniform", "spread"):
+        for size in sizes:
+            correct = []
+            for half, other in (halves, halves[::-1]):
+                probabilities = np.array([1.0 / len(names) if f in present else 0.0 for f in names])
+                if allocation == "spread":
+                    spread = FamilySpread.unseen(len(names))
+                    observe_spread(spread, config.tasks.families, [SimpleNamespace(family=f) for f in
+                                                                    families[other]], members[other])
+                    probabilities = family_probabilities(spread_config, spread)
+                probabilities = probabilities * [f in present for f in names]
+                probabilities /= probabilities.sum()
+                pools = {f: np.flatnonzero(half & (families == f)) for f in present}
+                drawn_families = rng.choice(len(names), size=(draws, size), p=probabilities)
+                tasks = np.array([[rng.choice(pools[names[f]]) for f in row] for row in drawn_families])
+                weights = 1.0 / (len(present) * probabilities[drawn_families])
+                for i, j in pairs:
+                    difference = (weights * (members[tasks, j] - members[tasks, i])).mean(axis=1)
+                    correct.append(np.mean(np.sign(difference) == np.sign(truth[j] - truth[i])))
+            rates[allocation, size] = float(np.mean(correct)) if correct else float("nan")
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--tasks", type=int, default=90, help="fresh training tasks: the truth")
     parser.add_argument("--windows", type=int, nargs="+", default=[10, 20, 40], help="record lengths, tournaments")
     parser.add_argument("--draws", type=int, default=4000, help="resamples per rate")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4, 8, 12, 16], help="tasks per comparison, E")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "selfloop-bench-cache"))
     args = parser.parse_args()
     if not list_checkpoints(args.run_dir):
@@ -126,6 +174,11 @@ def main() -> None:
         values = advantage[families == family]
         print(f"  {family:<16}{values.mean():>+8.3f}{np.median(values):>+8.3f}{values.max():>+8.3f}")
     print(f"  {'all':<16}{advantage.mean():>+8.3f}{np.median(advantage):>+8.3f}{advantage.max():>+8.3f}")
+    rates = pair_order_rates(config, per_task, families, args.sizes, args.draws // 10, rng)
+    print("\nP(a comparison on E tasks orders two members as the truth does), member pairs 0.005+ apart")
+    print(f"  {'allocation':<12}" + "".join(f"{f'E = {e}':>9}" for e in args.sizes))
+    for allocation in ("uniform", "spread"):
+        print(f"  {allocation:<12}" + "".join(f"{rates[allocation, e]:>9.2f}" for e in args.sizes))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ ADDED_KEYS: dict[str, Any] = {
     "eval.unseen_families": (),
     "pbt.restore_confidence": 0.0,
     "pbt.champion_record": 0,
+    "pbt.task_allocation": "uniform",
+    "pbt.allocation_floor": 0.2,
 }
 
 
@@ -176,6 +178,18 @@ class PBTConfig:
     # the champion. Every 3 s sits between the two.
     interval_seconds: float = non_negative(3.0)
     tasks: int = positive(4)  # E, fresh training-distribution tasks per tournament
+    # How those tasks are drawn. "uniform": from the training distribution.
+    # "spread": families in proportion to how far apart contestants have been
+    # scoring on them (Neyman allocation), each task's score weighted by
+    # 1 / (families · its family's probability), so a comparison still
+    # estimates the training distribution's mean. Late in a run optimizers
+    # differ on a few families (where some diverge) and agree on the rest; on
+    # E uniform tasks the rare divergences are mostly missed, and the member
+    # that is faster on typical tasks wins while its mean is worse.
+    task_allocation: str = one_of(("uniform", "spread"), "uniform")
+    # Share of the draws kept uniform under "spread": every family is still
+    # seen, and no task weighs more than 1 / allocation_floor.
+    allocation_floor: float = _check(lambda v: 0.0 < v <= 1.0, "a number in (0, 1]", 0.2)
     # As long as the held-out evaluation's horizon: shorter tournaments crown
     # optimizers that start fast and lose by step 300, and the population
     # follows its champion.

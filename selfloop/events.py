@@ -160,6 +160,8 @@ class Tournament(Event):
     champion_record: float = NAN  # the champion's record: mean score minus its pairs' (> 0: worse)
     champion_retired: bool = False  # the record was worse over pbt.champion_record tournaments
     step_scale: float = 1.0  # the loser's outer step scale after the event
+    # Each family's probability of this tournament's tasks (empty: uniform draws).
+    allocation: tuple[float, ...] = ()
     elapsed: float = NAN  # run time (set by the trainer)
 
 

@@ -97,6 +97,22 @@ def adopt(member: Member, taken: Snapshot, guard: GuardState) -> None:
 
 
 @dataclass
+class FamilySpread:
+    """How far apart optimizers score on each training family (in the order of
+    ``tasks.families``): per family, a running mean of the variance of the
+    contestants' scores on one task, bias-corrected as ``total / weight``
+    (weight 0: not seen yet). PBT draws its tasks where it is large
+    (``pbt.task_allocation``, selfloop/master/pbt.py)."""
+
+    total: np.ndarray  # float64 [family]
+    weight: np.ndarray  # float64 [family]
+
+    @classmethod
+    def unseen(cls, families: int) -> FamilySpread:
+        return cls(np.zeros(families), np.zeros(families))
+
+
+@dataclass
 class RunState:
     """The population and its controller: everything a checkpoint holds.
 
@@ -120,6 +136,7 @@ class RunState:
     heldout_set: str = ""  # which held-out set the members' histories are on ("": a checkpoint from before)
     resumed_from: int | None = None  # round of the checkpoint this session started from
     champion: Champion | None = None  # the best snapshot seen (None until the first tournament)
+    family_spread: FamilySpread | None = None  # None unless pbt.task_allocation = "spread"
 
 
 def plain_fields(cls: type, *, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:

@@ -170,6 +170,18 @@ def test_the_champion_record_round_trips_and_is_empty_in_a_checkpoint_from_befor
     assert read_checkpoint(path, config).champion.record == ()
 
 
+def test_the_family_spread_round_trips_and_is_absent_from_a_uniform_run(smoke_config, tmp_path):
+    pbt = dataclasses.replace(smoke_config.pbt, task_allocation="spread")
+    config = dataclasses.replace(smoke_config, pbt=pbt)
+    state, path = _rounds_with_tournaments(config, tmp_path / "spread", 6)
+    assert state.family_spread is not None and state.family_spread.weight.sum() > 0
+    resumed = read_checkpoint(path, config)
+    np.testing.assert_array_equal(resumed.family_spread.total, state.family_spread.total)
+    np.testing.assert_array_equal(resumed.family_spread.weight, state.family_spread.weight)
+    state, path = _rounds_with_tournaments(smoke_config, tmp_path / "uniform", 4)
+    assert state.family_spread is None and read_checkpoint(path, smoke_config).family_spread is None
+
+
 def _flip_a_bit(path: Path, dataset: str) -> None:
     with h5py.File(path, "r+") as handle:
         data = handle[dataset][()]

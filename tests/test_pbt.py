@@ -17,15 +17,19 @@ from selfloop.master.pbt import (
     Bout,
     advantage_t,
     crown,
+    draw_tasks,
     exploit,
     explore,
+    family_probabilities,
     is_stale,
     judge,
     keep_record,
+    observe_spread,
     tournament,
     tournament_tasks,
 )
 from selfloop.master.population import init_population
+from selfloop.state import FamilySpread
 
 
 def test_exploit_copies_theta_outer_index_and_outer_state(smoke_config):
@@ -280,3 +284,66 @@ def test_a_champion_with_a_worse_record_is_retired_even_when_it_wins_the_tournam
     fresh = dataclasses.replace(stale, record=())
     event, after = tournament(members, InProcessFarm().map, config, np.random.default_rng(0), 1, 11, fresh)
     assert not event.champion_retired and event.source == "champion" and len(after.record) == 1
+
+
+def _allocating(config, floor=0.2):
+    return dataclasses.replace(config, pbt=dataclasses.replace(config.pbt, task_allocation="spread",
+                                                               allocation_floor=floor))
+
+
+def _nine_families(config):
+    from selfloop.config import ALL_FAMILIES
+
+    return dataclasses.replace(config, tasks=dataclasses.replace(config.tasks, families=ALL_FAMILIES))
+
+
+def test_uniform_allocation_draws_the_tournament_tasks_of_before_with_unit_weights(smoke_config):
+    config = _nine_families(smoke_config)
+    spread = FamilySpread(np.arange(9.0), np.ones(9))  # ignored: the allocation is uniform
+    specs, weights = draw_tasks(config, 7, 12, 0x7B7, spread)
+    assert specs == tournament_tasks(config, 7, 12) and np.all(weights == 1.0)
+
+
+def test_spread_allocation_draws_where_contestants_differ_and_stays_unbiased(smoke_config):
+    config = _allocating(_nine_families(smoke_config))
+    families = config.tasks.families
+    spread = FamilySpread.unseen(len(families))
+    assert family_probabilities(config, spread) is None  # nothing seen yet: uniform
+    # Contestants agree on every family but digits_mlp, where they differ by 0.3.
+    specs = [tournament_tasks(config, 0, 1, probabilities=np.eye(9)[families.index(f)])[0] for f in families]
+    per_task = np.array([[0.2, 0.5] if s.family == "digits_mlp" else [0.2, 0.2001] for s in specs])
+    for _ in range(40):
+        observe_spread(spread, families, specs, per_task)
+    probabilities = family_probabilities(config, spread)
+    assert probabilities.sum() == pytest.approx(1.0)
+    assert probabilities[families.index("digits_mlp")] > 0.8
+    assert probabilities.min() >= 0.2 / 9 - 1e-12  # the floor: every family still drawn
+    # The weighted mean of any per-family score estimates the uniform mixture's mean.
+    value = {f: float(i) for i, f in enumerate(families)}
+    draws = [draw_tasks(config, event, 4, 0x7B7, spread) for event in range(3000)]
+    estimates = [np.mean([w * value[s.family] for s, w in zip(d_specs, d_weights)]) for d_specs, d_weights in draws]
+    drawn = np.array([s.family == "digits_mlp" for d_specs, _ in draws for s in d_specs])
+    assert drawn.mean() > 0.75
+    assert np.mean(estimates) == pytest.approx(np.mean(list(value.values())), abs=5 * np.std(estimates) / 55)
+
+
+def test_a_non_finite_score_does_not_enter_the_spread(smoke_config):
+    config = _allocating(smoke_config)
+    spread = FamilySpread.unseen(2)
+    specs = tournament_tasks(config, 0, 2, probabilities=np.array([1.0, 0.0]))
+    observe_spread(spread, config.tasks.families, specs, np.array([[0.2, np.inf], [0.2, 0.4]]))
+    assert spread.weight[0] > 0 and np.isfinite(spread.total).all()
+    assert spread.total[0] / spread.weight[0] == pytest.approx(0.02)  # only the finite task: var(0.2, 0.4)
+
+
+def test_a_tournament_with_spread_allocation_learns_the_spread_and_logs_its_draw(smoke_config):
+    config = _allocating(smoke_config)
+    members = init_population(config)
+    spread = FamilySpread.unseen(len(config.tasks.families))
+    rng, champion = np.random.default_rng(3), None
+    for event_index in range(4):
+        event, champion = tournament(members, InProcessFarm().map, config, rng, event_index, event_index,
+                                     champion, spread)
+        assert event is not None
+        assert event.allocation == () if event_index == 0 else len(event.allocation) == 2
+    assert spread.weight.sum() > 0 and sum(event.allocation) == pytest.approx(1.0)

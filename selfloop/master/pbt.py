@@ -25,6 +25,14 @@ its pairs on average over that many tournaments, the winner is crowned instead
 (a champion that is a little faster on most tasks and diverges on a few beats
 small samples; its record sees the divergences). Another rail, not an update
 rule: it only ever holds weights lopts produced.
+
+Where the tasks come from (``pbt.task_allocation``): uniformly from the
+training distribution, or ("spread") from families in proportion to how far
+apart contestants' scores have been there, each score weighted back so that
+every comparison still estimates the training distribution's mean. Trained
+optimizers differ mostly on a few families, where some of them diverge now
+and then; a few uniform tasks mostly miss those, and the optimizer that is
+faster on typical tasks wins though its mean is worse.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from selfloop.config import Config
 from selfloop.events import Tournament
 from selfloop.farm.curves import CurveUnit, run_curve_unit, stack_thetas
 from selfloop.master.population import is_finite_member
-from selfloop.state import Champion, GuardState, Member, adopt, snapshot
+from selfloop.state import Champion, FamilySpread, GuardState, Member, adopt, snapshot
 from selfloop.tasks.normalize import ratio_to_initial
 from selfloop.tasks.sampler import sample_training_task
 
@@ -52,10 +60,64 @@ def crown(member: Member, index: int, round_index: int) -> Champion:
     return Champion(**vars(snapshot(member)), source=index, round=round_index)
 
 
-def tournament_tasks(config: Config, event_index: int, count: int | None = None, stream: int = 0x7B7):
-    """``count`` (default E) training-distribution tasks, fresh for every tournament."""
+TOURNAMENT_STREAM = 0x7B7
+
+
+def tournament_tasks(config: Config, event_index: int, count: int | None = None, stream: int = TOURNAMENT_STREAM,
+                     probabilities: np.ndarray | None = None):
+    """``count`` (default E) training-distribution tasks, fresh for every
+    tournament; families drawn with ``probabilities`` (None: uniformly)."""
     rng = np.random.default_rng([config.run.seed, event_index, stream])
-    return [sample_training_task(rng, config.tasks.families) for _ in range(count or config.pbt.tasks)]
+    families = config.tasks.families
+    return [sample_training_task(rng, families, probabilities) for _ in range(count or config.pbt.tasks)]
+
+
+# Weight of one task's variance in its family's running spread: about the last
+# 20 tasks of a family, a few minutes of tournaments, so the allocation
+# follows where the population's optimizers currently differ.
+SPREAD_MEMORY = 0.05
+
+
+def family_probabilities(config: Config, spread: FamilySpread | None) -> np.ndarray | None:
+    """Each family's probability of a tournament task (None: uniform draws).
+
+    Neyman allocation: proportional to the standard deviation of contestants'
+    scores there, mixed with ``pbt.allocation_floor`` of uniform draws; a
+    family not seen yet counts as the most spread one seen."""
+    families = len(config.tasks.families)
+    if config.pbt.task_allocation == "uniform" or spread is None or not spread.weight.any():
+        return None
+    seen = spread.weight > 0
+    sigma = np.sqrt(np.where(seen, spread.total / np.where(seen, spread.weight, 1.0), 0.0))
+    sigma = np.where(seen, sigma, sigma[seen].max())
+    floor = config.pbt.allocation_floor
+    if sigma.sum() <= 0:
+        return None
+    return floor / families + (1.0 - floor) * sigma / sigma.sum()
+
+
+def draw_tasks(config: Config, event_index: int, count: int, stream: int,
+               spread: FamilySpread | None) -> tuple[list, np.ndarray]:
+    """Tasks for a tournament or a challenge, and each one's importance weight
+    (all 1 for uniform draws): a weighted mean of scores estimates the mean
+    over the training distribution however the families were drawn."""
+    probabilities = family_probabilities(config, spread)
+    specs = tournament_tasks(config, event_index, count, stream, probabilities)
+    if probabilities is None:
+        return specs, np.ones(len(specs))
+    families = config.tasks.families
+    return specs, np.array([1.0 / (len(families) * probabilities[families.index(s.family)]) for s in specs])
+
+
+def observe_spread(spread: FamilySpread, families: tuple[str, ...], specs, per_task: np.ndarray) -> None:
+    """Fold each task's variance of the contestants' finite scores into its family's spread."""
+    for spec, scores in zip(specs, per_task):
+        finite = scores[np.isfinite(scores)]
+        if finite.size < 2:
+            continue
+        f = families.index(spec.family)
+        spread.total[f] = (1 - SPREAD_MEMORY) * spread.total[f] + SPREAD_MEMORY * float(np.var(finite, ddof=1))
+        spread.weight[f] = (1 - SPREAD_MEMORY) * spread.weight[f] + SPREAD_MEMORY
 
 
 # Explored outer step scales: never above 1 (the rail stays the bound on a
@@ -83,6 +145,16 @@ def task_scores(map_fn, config: Config, members: list[Member], specs) -> np.ndar
         per_task.append(ratio_to_initial(curves, curves[0:1]).mean(axis=0))
     finite = np.array([is_finite_member(m) for m in members])
     return np.where(finite, np.stack(per_task), np.inf)
+
+
+def weighted_scores(map_fn, config: Config, contestants: list, specs, weights: np.ndarray,
+                    spread: FamilySpread | None) -> np.ndarray:
+    """[task, contestant] scores times each task's importance weight; the
+    unweighted scores update ``spread`` first."""
+    per_task = task_scores(map_fn, config, contestants, specs)
+    if spread is not None:
+        observe_spread(spread, config.tasks.families, specs, per_task)
+    return per_task * weights[:, None]
 
 
 def advantage_t(advantage: np.ndarray) -> float:
@@ -146,11 +218,12 @@ class Challenge:
     won: bool = False
 
 
-def challenge_champion(map_fn, config: Config, winner: Member, champion: Champion, event_index: int) -> Challenge:
+def challenge_champion(map_fn, config: Config, winner: Member, champion: Champion, event_index: int,
+                       spread: FamilySpread | None = None) -> Challenge:
     """Score ``winner`` and ``champion`` on ``pbt.champion_confirm_tasks`` fresh tasks; the
     winner wins if it is better there by ``pbt.champion_confidence`` standard errors."""
-    specs = tournament_tasks(config, event_index, config.pbt.champion_confirm_tasks, CONFIRM_STREAM)
-    per_task = task_scores(map_fn, config, [winner, champion], specs)
+    specs, weights = draw_tasks(config, event_index, config.pbt.champion_confirm_tasks, CONFIRM_STREAM, spread)
+    per_task = weighted_scores(map_fn, config, [winner, champion], specs, weights, spread)
     winner_score, champion_score = (float(x) for x in per_task.mean(axis=0))
     t = advantage_t(per_task[:, 1] - per_task[:, 0])
     won = winner_score < champion_score and t >= config.pbt.champion_confidence
@@ -203,15 +276,15 @@ def judge(per_task: np.ndarray, a: int, b: int) -> Bout:
 
 
 def settle_champion(map_fn, config: Config, members: list[Member], bout: Bout, champion: Champion | None,
-                    event_index: int, round_index: int,
-                    retire: bool = False) -> tuple[Challenge, bool, Champion | None]:
+                    event_index: int, round_index: int, retire: bool = False,
+                    spread: FamilySpread | None = None) -> tuple[Challenge, bool, Champion | None]:
     """Crown the winner if the champion retires, else challenge the champion if the
     winner beat it; returns the challenge, whether the champion was replaced, and
     the champion after it."""
     challenged = not retire and champion is not None and bout.winner_score < bout.champion_score
     challenge = Challenge()
     if challenged and config.pbt.champion_confirm_tasks:
-        challenge = challenge_champion(map_fn, config, members[bout.winner], champion, event_index)
+        challenge = challenge_champion(map_fn, config, members[bout.winner], champion, event_index, spread)
     confirmed = challenge.won if config.pbt.champion_confirm_tasks else True
     replaced = config.pbt.champion and (champion is None or retire or challenged and confirmed)
     if replaced:
@@ -227,15 +300,20 @@ def tournament(
     event_index: int,
     round_index: int,
     champion: Champion | None = None,
+    spread: FamilySpread | None = None,
 ) -> tuple[Tournament | None, Champion | None]:
     """Run one tournament; returns its event (``None`` when neither member may
     be copied) and the champion after it (``None`` while ``pbt.champion`` is off).
 
-    ``map_fn(fn, items)`` runs the scoring units (a farm's ``map``).
+    ``map_fn(fn, items)`` runs the scoring units (a farm's ``map``). ``spread``
+    (``pbt.task_allocation = "spread"``) is where tasks are drawn, and is
+    updated in place with this tournament's scores.
     """
     a, b = (int(i) for i in rng.choice(len(members), size=2, replace=False))
     contestants = [members[a], members[b]] + ([champion] if champion is not None else [])
-    per_task = task_scores(map_fn, config, contestants, tournament_tasks(config, event_index))
+    probabilities = family_probabilities(config, spread)
+    specs, weights = draw_tasks(config, event_index, config.pbt.tasks, TOURNAMENT_STREAM, spread)
+    per_task = weighted_scores(map_fn, config, contestants, specs, weights, spread)
     if not np.isfinite(per_task.mean(axis=0)[:2]).any():
         return None, champion
     bout, pbt = judge(per_task, a, b), config.pbt
@@ -252,7 +330,7 @@ def tournament(
     else:
         exploit(members, bout.winner, bout.loser)
     challenge, replaced, champion = settle_champion(map_fn, config, members, bout, champion, event_index,
-                                                    round_index, retired)
+                                                    round_index, retired, spread)
     loser = members[bout.loser]
     outer_redrawn, truncation_redrawn = explore(rng, loser, len(members), config.population.truncations,
                                                 pbt.p_outer_redraw, pbt.p_truncation_redraw, pbt.step_scale_factor)
@@ -265,4 +343,5 @@ def tournament(
         champion_score=bout.champion_score, champion_replaced=replaced, confirm_winner_score=challenge.winner_score,
         confirm_champion_score=challenge.champion_score, confirm_t=challenge.t, restore_t=bout.restore_t,
         champion_record=record, champion_retired=retired, step_scale=loser.step_scale,
+        allocation=() if probabilities is None else tuple(float(p) for p in probabilities),
     ), champion

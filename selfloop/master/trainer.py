@@ -34,7 +34,7 @@ from selfloop.master import guard
 from selfloop.master.pbt import ScoringFailed, tournament
 from selfloop.master.population import apply_outer_steps, context_for, init_population, outer_time_limit
 from selfloop.master.session import PhaseProgress, Session
-from selfloop.state import RunState
+from selfloop.state import FamilySpread, RunState
 from selfloop.store.checkpoint import prune, write_checkpoint
 from selfloop.store.rundir import RunDir
 from selfloop.tasks.sampler import heldout_tasks, unseen_family_tasks
@@ -312,9 +312,13 @@ class Trainer:
 
     def pbt(self, state: RunState) -> None:
         """One PBT tournament (``selfloop.master.pbt``)."""
+        families = len(self.config.tasks.families)
+        if self.config.pbt.task_allocation == "spread" and (state.family_spread is None
+                                                            or len(state.family_spread.total) != families):
+            state.family_spread = FamilySpread.unseen(families)  # new, or the run's families changed
         try:
             event, state.champion = tournament(state.members, self.farm.map, self.config, state.pbt_rng,
-                                               state.pbt_events, state.round, state.champion)
+                                               state.pbt_events, state.round, state.champion, state.family_spread)
             reason = "no finite member in the pair"
         except ScoringFailed as error:
             event, reason = None, str(error)[-2000:]

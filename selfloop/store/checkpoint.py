@@ -11,6 +11,7 @@ be killed at any moment and restarted on any node that sees the directory:
   /members/NNN/history     held-out scores so far
   /members/NNN/guard       attrs: smoothed meta-loss and its best; best_theta/, best_outer_state/
   /champion                the PBT champion (best snapshot seen): attrs, theta/, outer_state/, record
+  /controller/family_spread_total, _weight   where tournaments draw tasks (pbt.task_allocation = "spread")
   /members/NNN/slots/S     attrs: the inner task (family, bucket, seed, settings);
                            state/...: the persistent inner problem exactly as the next unit gets it
                            (episode constants and counters, the ES/PES particles' weights and
@@ -48,7 +49,7 @@ from selfloop.estimators import new_slot
 from selfloop.lopt import make_lopt
 from selfloop.lopt import shapes as lopt_shapes
 from selfloop.master.population import context_for
-from selfloop.state import Champion, GuardState, Member, RunState, Slot, plain_fields
+from selfloop.state import Champion, FamilySpread, GuardState, Member, RunState, Slot, plain_fields
 from selfloop.store.h5tree import StoredDataError, read_dataset, read_tree, scalar, write_dataset, write_tree
 from selfloop.store.rundir import RunDir
 from selfloop.tasks.base import TaskSpec
@@ -165,6 +166,11 @@ def write_checkpoint(run_dir: Path, state: RunState, config: Config) -> Path:
             _write_member(members.create_group(f"{i:03d}"), member)
         if state.champion is not None:
             _write_champion(handle.create_group("champion"), state.champion)
+        if state.family_spread is not None:
+            for name in ("total", "weight"):
+                write_dataset(controller, f"family_spread_{name}", getattr(state.family_spread, name))
+            controller["family_spread_total"].attrs["description"] = (
+                "per training family: running variance of contestants' tournament scores (times its weight)")
         handle.flush()
         os.fsync(handle.id.get_vfd_handle())
     os.replace(temporary, final)
@@ -339,11 +345,16 @@ def read_checkpoint(path: Path, config: Config) -> RunState:
                     **{name: int(group.attrs[name]) for name in CHAMPION_FIELDS}, **_added_fields(group),
                     record=tuple(float(x) for x in group["record"][()]) if "record" in group else (),
                 )
+            family_spread = None
+            if "family_spread_total" in controller:
+                family_spread = FamilySpread(np.asarray(controller["family_spread_total"][()], np.float64),
+                                             np.asarray(controller["family_spread_weight"][()], np.float64))
     except (OSError, KeyError) as error:
         raise CheckpointError(f"{where}: unreadable ({error})") from None
     except StoredDataError as error:  # a tree's dataset missing, misshapen or corrupt
         raise CheckpointError(str(error)) from None
-    return RunState(members=members, pbt_rng=rng, resumed_from=values["round"], champion=champion, **values)
+    return RunState(members=members, pbt_rng=rng, resumed_from=values["round"], champion=champion,
+                    family_spread=family_spread, **values)
 
 
 def load_latest(run_dir: Path, config: Config, on_skip: Callable[[Path, str], None]) -> tuple[RunState, Path] | None:

@@ -30,9 +30,13 @@ def _spec(rng: np.random.Generator, family_name: str, seed_range: tuple[int, int
     )
 
 
-def sample_training_task(rng: np.random.Generator, families: tuple[str, ...]) -> TaskSpec:
-    """One task from the training distribution: a uniformly chosen family."""
-    return _spec(rng, families[int(rng.integers(len(families)))], TRAIN_SEEDS)
+def sample_training_task(rng: np.random.Generator, families: tuple[str, ...],
+                         probabilities: np.ndarray | None = None) -> TaskSpec:
+    """One task from the training distribution: a uniformly chosen family, or
+    one chosen with ``probabilities`` (one per family)."""
+    if probabilities is None:
+        return _spec(rng, families[int(rng.integers(len(families)))], TRAIN_SEEDS)
+    return _spec(rng, families[int(rng.choice(len(families), p=probabilities))], TRAIN_SEEDS)
 
 
 def heldout_tasks(count: int, families: tuple[str, ...], seed: int) -> tuple[TaskSpec, ...]:
