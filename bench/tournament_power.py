@@ -36,6 +36,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from selfloop.events import Eval, of_type, read_events
 from selfloop.farm.engines import LocalFarm
 from selfloop.farm.worker import configure_jax
 from selfloop.master.pbt import advantage_t, family_probabilities, observe_spread, task_scores, tournament_tasks
@@ -45,8 +46,18 @@ from selfloop.store.checkpoint import list_checkpoints, read_checkpoint, saved_c
 STREAM = 0x70E  # this bench's training tasks, disjoint from any run's tournaments
 
 
+def heldout_at(run_dir: Path, state) -> np.ndarray | None:
+    """The members' held-out scores if the run's last evaluation was at this
+    checkpoint's round (None otherwise)."""
+    evaluations = of_type(read_events(run_dir), Eval)
+    if not evaluations or evaluations[-1].round != state.round:
+        return None
+    return np.array(evaluations[-1].members)
+
+
 def scores_of(run_dir: Path, tasks: int, cache: str):
-    """(config, names, [task, optimizer] scores, task families) of the newest checkpoint."""
+    """(config, names, [task, optimizer] scores, task families, the members'
+    held-out scores or None) of the newest checkpoint."""
     path = list_checkpoints(run_dir)[0]
     config = saved_config(path)
     state = read_checkpoint(path, config)
@@ -62,7 +73,7 @@ def scores_of(run_dir: Path, tasks: int, cache: str):
         per_task = task_scores(farm.map, config, contestants, specs)
     finally:
         farm.close()
-    return config, names, per_task, np.array([s.family for s in specs])
+    return config, names, per_task, np.array([s.family for s in specs]), heldout_at(run_dir, state)
 
 
 def verdict_rates(per_task: np.ndarray, member: int, pbt, draws: int,
@@ -92,6 +103,11 @@ def retire_rate(per_task: np.ndarray, window: int, tasks: int, draws: int, rng: 
             entries.append(per_task[drawn, -1].mean() - per_task[np.ix_(drawn, pair)].mean())
         retired += np.mean(entries) > 0
     return retired / draws
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    ranks = [np.argsort(np.argsort(v)) for v in (x, y)]
+    return float(np.corrcoef(*ranks)[0, 1])
 
 
 def pair_order_rates(config, per_task: np.ndarray, families: np.ndarray, sizes: list[int], draws: int,
@@ -146,7 +162,7 @@ def main() -> None:
     args = parser.parse_args()
     if not list_checkpoints(args.run_dir):
         raise SystemExit(f"{args.run_dir}: no checkpoint")
-    config, names, per_task, families = scores_of(args.run_dir, args.tasks, args.cache)
+    config, names, per_task, families, heldout = scores_of(args.run_dir, args.tasks, args.cache)
     truth = per_task.mean(axis=0)
     print(f"{args.run_dir}: {args.tasks} training tasks × {config.pbt.steps} steps, mean ℓ/ℓ_init")
     print("  " + "  ".join(f"{n} {s:.3f}" for n, s in zip(names, truth)))
@@ -174,6 +190,12 @@ def main() -> None:
         values = advantage[families == family]
         print(f"  {family:<16}{values.mean():>+8.3f}{np.median(values):>+8.3f}{values.max():>+8.3f}")
     print(f"  {'all':<16}{advantage.mean():>+8.3f}{np.median(advantage):>+8.3f}{advantage.max():>+8.3f}")
+    if heldout is not None:
+        print("\nSpearman rank correlation of the members on the held-out set (its last evaluation) with")
+        typical = np.median(per_task[:, :-1], axis=0)
+        truth_rank = spearman(truth[:-1], heldout)
+        print(f"  their mean score on the {args.tasks} training tasks (the truth)  {truth_rank:+.2f}")
+        print(f"  their median per-task score there (a typical task)    {spearman(typical, heldout):+.2f}")
     rates = pair_order_rates(config, per_task, families, args.sizes, args.draws // 10, rng)
     print("\nP(a comparison on E tasks orders two members as the truth does), member pairs 0.005+ apart")
     print(f"  {'allocation':<12}" + "".join(f"{f'E = {e}':>9}" for e in args.sizes))
