@@ -44,6 +44,7 @@ ADDED_KEYS: dict[str, Any] = {
     "eval.unseen_families": (),
     "pbt.restore_confidence": 0.0,
     "pbt.champion_record": 0,
+    "pbt.restore_truncation": True,
     "pbt.task_allocation": "uniform",
     "pbt.allocation_floor": 0.2,
 }
@@ -225,6 +226,12 @@ class PBTConfig:
     # which is what improves a population whose meta-gradients carry little
     # signal, so the default asks no margin (BENCHMARKS.md).
     restore_confidence: float = non_negative(0.0)
+    # Such a loser also takes the champion's truncation K (false: it keeps its
+    # own, as when it copies the winner). Every copy of a long-K champion
+    # lengthens the population's truncations, and a round lasts as long as
+    # its units: a population drifted to K = 80 takes a third of the outer
+    # steps per second of one at K = 20-40.
+    restore_truncation: bool = True
     # The champion is retired (the tournament's winner crowned in its place)
     # once, over this many recent tournaments, its mean score is worse than
     # the mean of the pairs it met there (0: never). A challenge needs a clear

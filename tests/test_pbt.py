@@ -25,6 +25,7 @@ from selfloop.master.pbt import (
     judge,
     keep_record,
     observe_spread,
+    restore_champion,
     tournament,
     tournament_tasks,
 )
@@ -151,6 +152,18 @@ def test_a_collapsed_pair_copies_the_champion_and_a_better_winner_replaces_it(sm
     assert event.source == "winner" and event.champion_replaced and after.source == event.winner
     for a, b in zip(jax.tree_util.tree_leaves(after.theta), jax.tree_util.tree_leaves(sound[event.winner].theta)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_restore_takes_the_champions_truncation_only_when_asked(smoke_config):
+    members = init_population(smoke_config)
+    members[0].truncation, members[1].truncation = 80, 20
+    champion = crown(members[0], 0, round_index=3)
+    restore_champion(members, champion, 1, with_truncation=False)
+    assert members[1].truncation == 20 and members[1].outer_index == champion.outer_index
+    for a, b in zip(jax.tree_util.tree_leaves(members[1].theta), jax.tree_util.tree_leaves(champion.theta)):
+        np.testing.assert_array_equal(a, b)
+    restore_champion(members, champion, 1)
+    assert members[1].truncation == 80
 
 
 def test_without_the_champion_setting_no_champion_is_kept(smoke_config):

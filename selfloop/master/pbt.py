@@ -179,10 +179,12 @@ def exploit(members: list[Member], winner: int, loser: int) -> None:
     adopt(target, taken, dataclasses.replace(source.guard))
 
 
-def restore_champion(members: list[Member], champion: Champion, loser: int) -> None:
-    """The loser takes the champion's θ, outer-optimizer index, state, K and step
-    scale, with a new divergence history: the snapshot must earn its guard again."""
-    adopt(members[loser], champion, GuardState())
+def restore_champion(members: list[Member], champion: Champion, loser: int, with_truncation: bool = True) -> None:
+    """The loser takes the champion's θ, outer-optimizer index, state, step scale
+    and (``with_truncation``) K, with a new divergence history: the snapshot
+    must earn its guard again."""
+    taken = champion if with_truncation else dataclasses.replace(champion, truncation=members[loser].truncation)
+    adopt(members[loser], taken, GuardState())
 
 
 def explore(
@@ -326,7 +328,7 @@ def tournament(
     from_champion = (not retired and bout.champion_score < bout.winner_score
                      and bout.restore_t >= pbt.restore_confidence)
     if from_champion:
-        restore_champion(members, champion, bout.loser)
+        restore_champion(members, champion, bout.loser, pbt.restore_truncation)
     else:
         exploit(members, bout.winner, bout.loser)
     challenge, replaced, champion = settle_champion(map_fn, config, members, bout, champion, event_index,
@@ -335,9 +337,10 @@ def tournament(
     outer_redrawn, truncation_redrawn = explore(rng, loser, len(members), config.population.truncations,
                                                 pbt.p_outer_redraw, pbt.p_truncation_redraw, pbt.step_scale_factor)
     loser.last_event = f"copied {'champion' if from_champion else f'm{bout.winner}'} @r{round_index}"
+    copied = COPIED + (("truncation",) if from_champion and pbt.restore_truncation else ())
     return Tournament(
         time=time.time(), round=round_index, winner=bout.winner, loser=bout.loser, winner_score=bout.winner_score,
-        loser_score=bout.loser_score, copied=COPIED + (("truncation",) if from_champion else ()),
+        loser_score=bout.loser_score, copied=copied,
         outer_redrawn=outer_redrawn, outer_index=loser.outer_index, truncation_redrawn=truncation_redrawn,
         truncation=loser.truncation, source="champion" if from_champion else "winner",
         champion_score=bout.champion_score, champion_replaced=replaced, confirm_winner_score=challenge.winner_score,
