@@ -343,12 +343,12 @@ def read_checkpoint(path: Path, config: Config) -> RunState:
                     theta=read_tree(group, "theta", templates.theta, where),
                     outer_state=read_tree(group, "outer_state", templates.outer_state, where),
                     **{name: int(group.attrs[name]) for name in CHAMPION_FIELDS}, **_added_fields(group),
-                    record=tuple(float(x) for x in group["record"][()]) if "record" in group else (),
+                    record=tuple(float(x) for x in read_dataset(group["record"], where)) if "record" in group else (),
                 )
             family_spread = None
             if "family_spread_total" in controller:
-                family_spread = FamilySpread(np.asarray(controller["family_spread_total"][()], np.float64),
-                                             np.asarray(controller["family_spread_weight"][()], np.float64))
+                family_spread = FamilySpread(*(np.asarray(read_dataset(controller[f"family_spread_{name}"], where),
+                                                          np.float64) for name in ("total", "weight")))
     except (OSError, KeyError) as error:
         raise CheckpointError(f"{where}: unreadable ({error})") from None
     except StoredDataError as error:  # a tree's dataset missing, misshapen or corrupt
