@@ -313,7 +313,7 @@ def _nine_families(config):
 def test_uniform_allocation_draws_the_tournament_tasks_of_before_with_unit_weights(smoke_config):
     config = _nine_families(smoke_config)
     spread = FamilySpread(np.arange(9.0), np.ones(9))  # ignored: the allocation is uniform
-    specs, weights = draw_tasks(config, 7, 12, 0x7B7, spread)
+    specs, weights = draw_tasks(config, 7, 12, 0x7B7, family_probabilities(config, spread))
     assert specs == tournament_tasks(config, 7, 12) and np.all(weights == 1.0)
 
 
@@ -333,7 +333,7 @@ def test_spread_allocation_draws_where_contestants_differ_and_stays_unbiased(smo
     assert probabilities.min() >= 0.2 / 9 - 1e-12  # the floor: every family still drawn
     # The weighted mean of any per-family score estimates the uniform mixture's mean.
     value = {f: float(i) for i, f in enumerate(families)}
-    draws = [draw_tasks(config, event, 4, 0x7B7, spread) for event in range(3000)]
+    draws = [draw_tasks(config, event, 4, 0x7B7, probabilities) for event in range(3000)]
     estimates = [np.mean([w * value[s.family] for s, w in zip(d_specs, d_weights)]) for d_specs, d_weights in draws]
     drawn = np.array([s.family == "digits_mlp" for d_specs, _ in draws for s in d_specs])
     assert drawn.mean() > 0.75

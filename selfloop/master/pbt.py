@@ -97,11 +97,12 @@ def family_probabilities(config: Config, spread: FamilySpread | None) -> np.ndar
 
 
 def draw_tasks(config: Config, event_index: int, count: int, stream: int,
-               spread: FamilySpread | None) -> tuple[list, np.ndarray]:
-    """Tasks for a tournament or a challenge, and each one's importance weight
-    (all 1 for uniform draws): a weighted mean of scores estimates the mean
-    over the training distribution however the families were drawn."""
-    probabilities = family_probabilities(config, spread)
+               probabilities: np.ndarray | None) -> tuple[list, np.ndarray]:
+    """Tasks for a tournament or a challenge, families drawn with
+    ``probabilities`` (``family_probabilities``; None: uniformly), and each
+    one's importance weight (all 1 for uniform draws): a weighted mean of
+    scores estimates the mean over the training distribution however the
+    families were drawn."""
     specs = tournament_tasks(config, event_index, count, stream, probabilities)
     if probabilities is None:
         return specs, np.ones(len(specs))
@@ -224,7 +225,8 @@ def challenge_champion(map_fn, config: Config, winner: Member, champion: Champio
                        spread: FamilySpread | None = None) -> Challenge:
     """Score ``winner`` and ``champion`` on ``pbt.champion_confirm_tasks`` fresh tasks; the
     winner wins if it is better there by ``pbt.champion_confidence`` standard errors."""
-    specs, weights = draw_tasks(config, event_index, config.pbt.champion_confirm_tasks, CONFIRM_STREAM, spread)
+    specs, weights = draw_tasks(config, event_index, config.pbt.champion_confirm_tasks, CONFIRM_STREAM,
+                                family_probabilities(config, spread))
     per_task = weighted_scores(map_fn, config, [winner, champion], specs, weights, spread)
     winner_score, champion_score = (float(x) for x in per_task.mean(axis=0))
     t = advantage_t(per_task[:, 1] - per_task[:, 0])
@@ -314,7 +316,7 @@ def tournament(
     a, b = (int(i) for i in rng.choice(len(members), size=2, replace=False))
     contestants = [members[a], members[b]] + ([champion] if champion is not None else [])
     probabilities = family_probabilities(config, spread)
-    specs, weights = draw_tasks(config, event_index, config.pbt.tasks, TOURNAMENT_STREAM, spread)
+    specs, weights = draw_tasks(config, event_index, config.pbt.tasks, TOURNAMENT_STREAM, probabilities)
     per_task = weighted_scores(map_fn, config, contestants, specs, weights, spread)
     if not np.isfinite(per_task.mean(axis=0)[:2]).any():
         return None, champion
