@@ -1,4 +1,4 @@
-"""Cost of one inner step: the MLP and hierarchical learned optimizers vs optax Adam, same task.
+"""Cost of one inner step: the MLP (relative, adaptive) and hierarchical lopts vs optax Adam, same task.
 
 Both run through the same compiled program (lax.scan over steps, batch of 1);
 only the optimizer differs. Runs are interleaved (lopt, Adam, lopt, Adam, ...)
@@ -51,16 +51,23 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=100)
     args = parser.parse_args()
 
+    configs = {
+        "relative": LOptConfig(features="relative"),
+        "adaptive": LOptConfig(features="adaptive"),
+        "hierarchical": LOptConfig(arch="hierarchical", features="per_tensor", odd=False),
+    }
     contenders = {}
-    configs = {"mlp": LOptConfig(), "hierarchical": LOptConfig(arch="hierarchical", features="per_tensor", odd=False)}
-    for arch, lopt_config in configs.items():
+    for name, lopt_config in configs.items():
         lopt = make_lopt(lopt_config)
         theta = jax.tree_util.tree_map(lambda x: x[None], lopt.init_theta(jax.random.PRNGKey(0)))
-        contenders[arch] = (as_inner_optimizer(lopt), theta)
+        contenders[name] = (as_inner_optimizer(lopt), theta)
     contenders["adam"] = (ADAM, np.asarray([1e-3], np.float32))
-    print(f"jax {jax.__version__}, {os.cpu_count()} cpus, {args.steps} steps x {args.repeats} interleaved repeats")
-    print(f"{'task':<14}{'weights':>8}{'mlp us/step':>13}{'hier us/step':>14}{'adam us/step':>14}"
-          f"{'mlp/adam':>10}{'hier/adam':>11}{'hier/mlp':>10}")
+    print(f"jax {jax.__version__}, {os.cpu_count()} cpus, {args.steps} steps x {args.repeats} interleaved repeats; "
+          "us per inner step (median), then each lopt's time over Adam's and over the relative mlp's")
+    lopts = list(configs)
+    print(f"{'task':<14}{'weights':>8}" + "".join(f"{name:>14}" for name in contenders)
+          + "".join(f"{name + '/adam':>19}" for name in lopts)
+          + "".join(f"{name + '/relative':>23}" for name in lopts[1:]))
     for spec in TASKS:
         program = task_program(spec.family, spec.bucket, ADAM)
         _, inner = program.start(spec, 0)
@@ -71,10 +78,10 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, (optimizer, hyper) in contenders.items():
                 times[name].append(_timed_steps(spec, optimizer, hyper, args.steps, args.chunk))
-        mlp, hier, adam = (statistics.median(times[name]) * 1e6 for name in ("mlp", "hierarchical", "adam"))
-        print(f"{spec.family:<14}{weights:>8,}{mlp:>13.1f}{hier:>14.1f}{adam:>14.1f}"
-              f"{mlp / adam:>10.2f}{hier / adam:>11.2f}{hier / mlp:>10.2f}")
-
+        median = {name: statistics.median(values) * 1e6 for name, values in times.items()}
+        print(f"{spec.family:<14}{weights:>8,}" + "".join(f"{median[name]:>14.1f}" for name in contenders)
+              + "".join(f"{median[name] / median['adam']:>19.2f}" for name in lopts)
+              + "".join(f"{median[name] / median['relative']:>23.2f}" for name in lopts[1:]))
 
 if __name__ == "__main__":
     main()

@@ -146,7 +146,11 @@ class LOptConfig:
     # gradient scale per tensor, so noise and a vanished gradient look small.
     # Per-tensor features rescale a decayed momentum to unit size, so an outer
     # optimizer can move a trained θ far with no gradient at all.
-    features: str = one_of(("per_tensor", "relative"), "relative")
+    # "adaptive": "relative" plus g and three momenta over each weight's own
+    # running gradient RMS, so the MLP can size each weight's step by how
+    # large that weight's gradients are, not only its tensor's; the default
+    # since paired seeds learned faster with it on both axes (BENCHMARKS.md).
+    features: str = one_of(("per_tensor", "relative", "adaptive"), "adaptive")
     # mlp only: the step is an odd function of the gradient channels (no
     # gradient, no step; no learned step that ignores the gradient).
     odd: bool = True

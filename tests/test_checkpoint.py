@@ -92,6 +92,15 @@ def _checkpointed_rounds(config, run_dir: Path, rounds: int):
     return state
 
 
+def test_a_population_of_adaptive_lopts_round_trips(smoke_config, tmp_path):
+    """Per-weight second moments in the outer and inner lopt states are saved and read back exactly."""
+    config = dataclasses.replace(smoke_config, lopt=dataclasses.replace(smoke_config.lopt, features="adaptive"))
+    state = _checkpointed_rounds(config, tmp_path, 2)
+    assert type(state.members[0].outer_state).__name__ == "AdaptiveMLPLOptState"
+    assert any(np.any(np.asarray(v) > 0) for v in jax.tree_util.tree_leaves(state.members[0].outer_state.second_moment))
+    _assert_same_population(state, read_checkpoint(list_checkpoints(tmp_path)[0], config))
+
+
 def test_checkpoint_is_self_describing_and_keeps_the_newest(smoke_config, tmp_path):
     state = _checkpointed_rounds(smoke_config, tmp_path, 5)
     names = [p.name for p in list_checkpoints(tmp_path)]

@@ -73,7 +73,7 @@ def test_paper_config_has_the_papers_sizes():
         ({"pbt": {"step_scale_factor": 0.5}}, "pbt.step_scale_factor: expected a finite number >= 1"),
         ({"tasks": {"families": ["quadratic", "imagenet"]}}, "tasks.families: expected a non-empty list drawn from"),
         ({"bogus": {}}, "unknown section [bogus]"),
-        ({"lopt": {"features": "adam"}}, "lopt.features: expected one of ['per_tensor', 'relative']"),
+        ({"lopt": {"features": "adam"}}, "lopt.features: expected one of ['per_tensor', 'relative', 'adaptive']"),
         ({"lopt": {"arch": "hierarchical", "odd": True}}, "lopt.features / lopt.odd: only the mlp architecture"),
         ({"eval": {"unseen_families": ["imagenet"]}}, "eval.unseen_families: expected a list drawn from"),
         ({"eval": {"unseen_families": ["char_rnn"]}}, "eval.unseen_families: ['char_rnn'] also in tasks.families"),

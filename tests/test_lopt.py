@@ -108,6 +108,7 @@ def test_same_update_trains_a_task_and_another_lopt():
 
 
 RELATIVE_ODD = LOptConfig(features="relative", odd=True)
+ADAPTIVE_ODD = LOptConfig(features="adaptive", odd=True)
 
 
 def _step(config: LOptConfig, grads, params, state=None, key=6):
@@ -136,32 +137,36 @@ def test_relative_channels_exact_after_one_step():
     np.testing.assert_allclose(relative_channels(g, momentum, unbiased), expected, rtol=1e-4)
 
 
-def test_odd_lopt_takes_no_step_without_gradient():
+@pytest.mark.parametrize("features", ["relative", "adaptive"])
+def test_odd_lopt_takes_no_step_without_gradient(features):
     params = {"w": jnp.linspace(-2.0, 2.0, 12).reshape(3, 4), "b": jnp.ones(4)}
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    step, state = _step(RELATIVE_ODD, zeros, params)
+    step, state = _step(LOptConfig(features=features, odd=True), zeros, params)
     assert all(np.all(np.asarray(x) == 0.0) for x in jax.tree_util.tree_leaves(step))
     assert int(state.step) == 1
     # Without the symmetry the same weights do move: the MLP's biases and the weight channel.
-    step, _ = _step(LOptConfig(features="relative", odd=False), zeros, params)
+    step, _ = _step(LOptConfig(features=features, odd=False), zeros, params)
     assert any(np.any(np.asarray(x) != 0.0) for x in jax.tree_util.tree_leaves(step))
 
 
-def test_odd_lopt_step_flips_with_the_gradient():
+@pytest.mark.parametrize("config", [RELATIVE_ODD, ADAPTIVE_ODD])
+def test_odd_lopt_step_flips_with_the_gradient(config):
     params = {"w": jnp.linspace(-2.0, 2.0, 12).reshape(3, 4)}
     grads = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), jnp.float32)}
-    step, _ = _step(RELATIVE_ODD, grads, params)
-    flipped, _ = _step(RELATIVE_ODD, jax.tree_util.tree_map(jnp.negative, grads), params)
-    np.testing.assert_allclose(flipped["w"], -step["w"], rtol=1e-5, atol=1e-9)
+    step, _ = _step(config, grads, params)
+    flipped, _ = _step(config, jax.tree_util.tree_map(jnp.negative, grads), params)
+    # Steps are read back as differences of weights up to 2 in size: float32 resolves them to ~2.4e-7.
+    np.testing.assert_allclose(flipped["w"], -step["w"], rtol=1e-5, atol=5e-7)
     assert np.any(np.asarray(step["w"]) != 0.0)
 
 
-def test_relative_features_are_scale_free():
+@pytest.mark.parametrize("config", [RELATIVE_ODD, ADAPTIVE_ODD])
+def test_relative_features_are_scale_free(config):
     params = {"w": jnp.linspace(-2.0, 2.0, 12).reshape(3, 4)}
     grads = np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)
-    reference, _ = _step(RELATIVE_ODD, {"w": jnp.asarray(grads)}, params)
+    reference, _ = _step(config, {"w": jnp.asarray(grads)}, params)
     for scale in (1e-25, 1e-3, 1e20):
-        scaled, _ = _step(RELATIVE_ODD, {"w": jnp.asarray(grads * np.float32(scale))}, params)
+        scaled, _ = _step(config, {"w": jnp.asarray(grads * np.float32(scale))}, params)
         np.testing.assert_allclose(scaled["w"], reference["w"], rtol=1e-4, atol=1e-8)
 
 
@@ -196,11 +201,57 @@ def test_relative_momentum_of_noise_is_small_and_of_a_vanished_gradient_fades():
     assert per_tensor[DECAYS.index(0.99)] > 0.9 and per_tensor[DECAYS.index(0.999)] > 0.9
 
 
+@pytest.mark.parametrize("config", [RELATIVE_ODD, ADAPTIVE_ODD])
 @pytest.mark.parametrize("magnitude", [0.0, 1e-30, 1e30, np.inf, np.nan])
-def test_relative_update_finite_for_extreme_gradients(magnitude):
+def test_relative_update_finite_for_extreme_gradients(config, magnitude):
     params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)}
-    step, state = _step(RELATIVE_ODD, {"w": jnp.full((3, 4), magnitude, jnp.float32)}, params)
+    step, state = _step(config, {"w": jnp.full((3, 4), magnitude, jnp.float32)}, params)
     assert np.all(np.isfinite(step["w"])) and all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state))
+
+
+def test_adaptive_channels_exact_after_one_step():
+    """After one gradient each weight's RMS is its own |g|: the per-weight g channel
+    is sign(g) and each picked momentum channel (1 - β)·sign(g)."""
+    from selfloop.lopt.mlp import ADAPTIVE_DECAYS, adaptive_channels, relative_channels
+
+    g = jnp.array([[0.3, -1.2], [2.0, 0.0]])
+    _, state = _step(ADAPTIVE_ODD, {"w": g}, {"w": jnp.ones((2, 2))})
+    unbiased_scale = state.grad_scale["w"] / state.scale_weight
+    relative = relative_channels(g, state.momenta["w"], unbiased_scale)
+    np.testing.assert_allclose(state.second_moment["w"] / state.scale_weight, np.square(relative[..., 0]), rtol=1e-4)
+    channels = np.asarray(adaptive_channels(relative, state.second_moment["w"] / state.scale_weight))
+    signs = np.sign(np.asarray(g))[..., None]
+    expected = signs * np.array([1.0] + [1.0 - b for b in ADAPTIVE_DECAYS])
+    np.testing.assert_allclose(channels, expected, rtol=1e-4, atol=1e-7)  # the weight with g = 0 gets zeros
+
+
+def test_adaptive_channels_size_each_weight_by_its_own_gradient():
+    """Two weights of one tensor whose gradients differ 100-fold in size: relative
+    channels keep the factor of 100 (one scale per tensor); the per-weight
+    channels give both the same size, as Adam's steps would."""
+    from selfloop.lopt.mlp import adaptive_channels, relative_channels
+
+    lopt = make_lopt(ADAPTIVE_ODD)
+    theta = lopt.init_theta(jax.random.PRNGKey(0))
+    params = {"w": jnp.zeros((2, 256))}
+    state = lopt.init_state(params)
+    update = jax.jit(lopt.update)
+    rng = np.random.default_rng(3)
+    sizes = np.array([[1.0], [100.0]], np.float32)
+    for _ in range(200):
+        grads = {"w": jnp.asarray(sizes * (0.5 + rng.normal(size=(2, 256))), jnp.float32)}
+        params, state = update(theta, params, grads, state)
+    unbiased_scale = state.grad_scale["w"] / state.scale_weight
+    relative = relative_channels(grads["w"], state.momenta["w"], unbiased_scale)
+    per_weight = adaptive_channels(relative, state.second_moment["w"] / state.scale_weight)
+
+    def rms_by_row(x):
+        return np.sqrt(np.mean(np.square(np.asarray(x)), axis=1))
+
+    small, large = rms_by_row(relative[..., 0])
+    assert 70.0 < large / small < 140.0
+    small, large = rms_by_row(per_weight[..., 0])
+    assert 0.7 < large / small < 1.4 and 0.5 < small < 2.0
 
 
 def test_the_step_scale_shortens_the_outer_step_inside_the_rail():
@@ -225,11 +276,12 @@ def test_the_step_scale_shortens_the_outer_step_inside_the_rail():
     assert np.isclose(railed, rail * float(tree_l2_norm(theta)), rtol=1e-4)
 
 
-def test_odd_outer_optimizer_does_not_move_theta_without_signal():
+@pytest.mark.parametrize("config", [RELATIVE_ODD, ADAPTIVE_ODD])
+def test_odd_outer_optimizer_does_not_move_theta_without_signal(config):
     """The drift check on the self-training path itself: 200 outer steps fed ĝ = 0."""
     from selfloop.master.population import outer_step_fn
 
-    lopt = make_lopt(RELATIVE_ODD)
+    lopt = make_lopt(config)
     outer, theta = lopt.init_theta(jax.random.PRNGKey(7)), lopt.init_theta(jax.random.PRNGKey(8))
     state, start = lopt.init_state(theta), theta
     zeros = jax.tree_util.tree_map(jnp.zeros_like, theta)

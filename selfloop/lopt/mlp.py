@@ -8,10 +8,11 @@ library's ``MLPLOpt``. The same MLP is applied to every weight of every tensor:
   inputs (19): gradient g, weight p, momenta m_β for β in DECAYS; each of these
                8 channels normalized per tensor by rsqrt(1e-5 + mean(x²));
                plus 11 unnormalized time features tanh(t/τ - 1), τ in TIMESCALES
-  MLP:         19 -> hidden -> hidden -> 2 (ReLU), fan-in scaled init
+               (23 with ``features="adaptive"``: see below)
+  MLP:         inputs -> hidden -> hidden -> 2 (ReLU), fan-in scaled init
   update:      p <- p - step_mult * d * exp(exp_mult * m)
 
-Two settings change what the MLP can express, not the update formula:
+Three settings change what the MLP can express, not the update formula:
 
 - ``features="relative"``: g and the momenta share one scale per tensor, a
   running RMS of the tensor's gradients (``GRAD_SCALE_DECAY``), instead of each
@@ -19,6 +20,17 @@ Two settings change what the MLP can express, not the update formula:
   or averaged-out momenta back up to unit size, so pure noise, or no gradient
   at all, looks like a strong consistent signal; relative to a running scale,
   momenta of noise are small and momenta of a vanished gradient fade.
+- ``features="adaptive"``: the relative channels, plus g and the momenta
+  m_β for β in ADAPTIVE_DECAYS each divided by the weight's own running RMS
+  gradient (an EMA of the squared relative gradient, decay
+  GRAD_SCALE_DECAY, bias-corrected). Per-tensor scales cannot tell a weight
+  whose gradient is always large from one whose gradient is always small;
+  per-weight scales can, which is what makes Adam's steps per weight the
+  right length. These channels let the MLP learn steps of that kind (or any
+  other function of them); they are inputs, not an update rule. (The small
+  MLP lopt of Metz et al. 2022, "Practical tradeoffs between memory,
+  compute, and performance in learned optimizers", arXiv:2203.11860, feeds
+  factored second-moment features for the same purpose.)
 - ``odd=True``: d is an odd and m an even function of the gradient channels
   (the MLP is evaluated on ±(g, m_β) with p and time unchanged, and d, m are
   the odd and even parts of its outputs): flipping the sign of every gradient
@@ -43,9 +55,10 @@ from selfloop.lopt.base import LearnedOptimizer, Params, Theta, normalize_per_te
 DECAYS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
 TIMESCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5)
 NUM_INPUTS = 2 + len(DECAYS) + len(TIMESCALES)
+ADAPTIVE_DECAYS = (0.5, 0.9, 0.99)  # momenta that "adaptive" features also give per-weight normalized
+NUM_ADAPTIVE = 1 + len(ADAPTIVE_DECAYS)  # and g itself
 GRAD_SCALE_DECAY = 0.999  # the running gradient RMS that "relative" features are measured against
 FEATURE_CLIP = 100.0  # relative features of a gradient that jumps far above its running scale
-FEATURES = ("per_tensor", "relative")
 
 
 @dataclass(frozen=True)
@@ -55,7 +68,7 @@ class MLPLOptConfig:
     hidden: int = 32
     step_mult: float = 1e-3
     exp_mult: float = 1e-3
-    features: str = "per_tensor"  # or "relative": see the module docstring
+    features: str = "per_tensor"  # or "relative", "adaptive": see the module docstring
     odd: bool = False  # d odd, m even in the gradient channels
 
 
@@ -73,6 +86,20 @@ class RelativeMLPLOptState(NamedTuple):
     step: jax.Array  # int32 [], updates applied so far
 
 
+class AdaptiveMLPLOptState(NamedTuple):
+    """State of the MLP lopt with ``features="adaptive"``."""
+
+    momenta: Params  # same tree as params; each leaf [*param_shape, len(DECAYS)]
+    second_moment: Params  # same tree and shapes as params: EMA of the squared relative gradient
+    grad_scale: Params  # same tree; each leaf float32 []: EMA of the tensor's gradient RMS
+    scale_weight: jax.Array  # float32 []: EMA of 1 with the same decay (bias correction of both EMAs)
+    step: jax.Array  # int32 [], updates applied so far
+
+
+def num_inputs(config: MLPLOptConfig) -> int:
+    return NUM_INPUTS + (NUM_ADAPTIVE if config.features == "adaptive" else 0)
+
+
 def _dense_init(key: jax.Array, fan_in: int, fan_out: int) -> dict[str, jax.Array]:
     weight = jax.random.normal(key, (fan_in, fan_out)) * jnp.sqrt(2.0 / fan_in)
     return {"w": weight, "b": jnp.zeros((fan_out,))}
@@ -80,7 +107,7 @@ def _dense_init(key: jax.Array, fan_in: int, fan_out: int) -> dict[str, jax.Arra
 
 def init_theta(config: MLPLOptConfig, key: jax.Array) -> Theta:
     """Random fan-in scaled weights; there is no pretrained starting point."""
-    sizes = (NUM_INPUTS, config.hidden, config.hidden, 2)
+    sizes = (num_inputs(config), config.hidden, config.hidden, 2)
     keys = jax.random.split(key, len(sizes) - 1)
     return {f"layer{i}": _dense_init(k, sizes[i], sizes[i + 1]) for i, k in enumerate(keys)}
 
@@ -94,6 +121,13 @@ def init_relative_state(params: Params) -> RelativeMLPLOptState:
     plain = init_state(params)
     grad_scale = jax.tree_util.tree_map(lambda p: jnp.zeros([], jnp.float32), params)
     return RelativeMLPLOptState(plain.momenta, grad_scale, jnp.zeros([], jnp.float32), plain.step)
+
+
+def init_adaptive_state(params: Params) -> AdaptiveMLPLOptState:
+    relative = init_relative_state(params)
+    second_moment = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    return AdaptiveMLPLOptState(relative.momenta, second_moment, relative.grad_scale, relative.scale_weight,
+                                relative.step)
 
 
 def time_features(step: jax.Array) -> jax.Array:
@@ -123,6 +157,16 @@ def relative_channels(g: jax.Array, momentum: jax.Array, grad_scale: jax.Array) 
     channels = jnp.concatenate([g[..., None], momentum], axis=-1)
     relative = channels / jnp.where(grad_scale > 0, grad_scale, 1.0)
     return jnp.clip(jnp.where(grad_scale > 0, relative, 0.0), -FEATURE_CLIP, FEATURE_CLIP)
+
+
+def adaptive_channels(relative: jax.Array, unbiased_second: jax.Array) -> jax.Array:
+    """g and the ADAPTIVE_DECAYS momenta of ``relative`` (the relative channels)
+    over the weight's own RMS relative gradient, clipped to ±FEATURE_CLIP;
+    zero for a weight that never had a gradient."""
+    picks = [0] + [1 + DECAYS.index(decay) for decay in ADAPTIVE_DECAYS]
+    rms = jnp.sqrt(unbiased_second)[..., None]
+    per_weight = relative[..., picks] / jnp.where(rms > 0, rms, 1.0)
+    return jnp.clip(jnp.where(rms > 0, per_weight, 0.0), -FEATURE_CLIP, FEATURE_CLIP)
 
 
 def _step_from_features(config, theta, gradient_channels, p, time_feats):
@@ -156,13 +200,27 @@ def _update_tensor(config, theta, p, g, momentum, time_feats):
     return p - _step_from_features(config, theta, gradient_channels, p, time_feats), momentum
 
 
-def _update_tensor_relative(config, theta, p, g, momentum, grad_scale, scale_weight, time_feats):
+def _relative_inputs(g, momentum, grad_scale, scale_weight):
+    """The relative channels after gradient ``g``, with the new momentum and running scale."""
     g = jnp.where(jnp.isfinite(g), g, 0.0)
     momentum = _new_momentum(g, momentum)
     grad_scale = GRAD_SCALE_DECAY * grad_scale + (1.0 - GRAD_SCALE_DECAY) * tensor_rms(g)
     unbiased_scale = grad_scale / jnp.maximum(scale_weight, 1e-12)
-    gradient_channels = relative_channels(g, momentum, unbiased_scale)
+    return relative_channels(g, momentum, unbiased_scale), momentum, grad_scale
+
+
+def _update_tensor_relative(config, theta, p, g, momentum, grad_scale, scale_weight, time_feats):
+    gradient_channels, momentum, grad_scale = _relative_inputs(g, momentum, grad_scale, scale_weight)
     return p - _step_from_features(config, theta, gradient_channels, p, time_feats), momentum, grad_scale
+
+
+def _update_tensor_adaptive(config, theta, p, g, momentum, second, grad_scale, scale_weight, time_feats):
+    relative, momentum, grad_scale = _relative_inputs(g, momentum, grad_scale, scale_weight)
+    # Relative, not raw, squared gradients: finite for gradients of 1e-30 or 1e30.
+    second = GRAD_SCALE_DECAY * second + (1.0 - GRAD_SCALE_DECAY) * jnp.square(relative[..., 0])
+    per_weight = adaptive_channels(relative, second / jnp.maximum(scale_weight, 1e-12))
+    gradient_channels = jnp.concatenate([relative, per_weight], axis=-1)
+    return p - _step_from_features(config, theta, gradient_channels, p, time_feats), momentum, second, grad_scale
 
 
 def _map_tensors(fn, params: Params, *per_weight: Params) -> tuple[Params, ...]:
@@ -185,6 +243,8 @@ def update(
     """One learned-optimizer step on every tensor of ``params``."""
     if config.features == "relative":
         return update_relative(config, theta, params, grads, state)
+    if config.features == "adaptive":
+        return update_adaptive(config, theta, params, grads, state)
     time_feats = time_features(state.step)
     new_params, momenta = _map_tensors(
         lambda p, g, m: _update_tensor(config, theta, p, g, m, time_feats), params, grads, state.momenta
@@ -209,13 +269,34 @@ def update_relative(
     return new_params, RelativeMLPLOptState(momenta, grad_scale, scale_weight, state.step + 1)
 
 
+def update_adaptive(
+    config: MLPLOptConfig,
+    theta: Theta,
+    params: Params,
+    grads: Params,
+    state: AdaptiveMLPLOptState,
+) -> tuple[Params, AdaptiveMLPLOptState]:
+    """``update`` with adaptive features (the state also carries per-weight second moments)."""
+    time_feats = time_features(state.step)
+    scale_weight = GRAD_SCALE_DECAY * state.scale_weight + (1.0 - GRAD_SCALE_DECAY)
+    new_params, momenta, second, grad_scale = _map_tensors(
+        lambda p, g, m, v, r: _update_tensor_adaptive(config, theta, p, g, m, v, r, scale_weight, time_feats),
+        params, grads, state.momenta, state.second_moment, state.grad_scale,
+    )
+    return new_params, AdaptiveMLPLOptState(momenta, second, grad_scale, scale_weight, state.step + 1)
+
+
+# The feature kinds (``MLPLOptConfig.features``) and the state each keeps.
+INIT_STATE = {"per_tensor": init_state, "relative": init_relative_state, "adaptive": init_adaptive_state}
+
+
 def make_mlp_lopt(config: MLPLOptConfig = MLPLOptConfig()) -> LearnedOptimizer:
     """The MLP lopt's pure functions with ``config`` bound."""
-    if config.features not in FEATURES:
-        raise ValueError(f"MLP lopt features must be one of {list(FEATURES)}, not {config.features!r}")
+    if config.features not in INIT_STATE:
+        raise ValueError(f"MLP lopt features must be one of {list(INIT_STATE)}, not {config.features!r}")
     return LearnedOptimizer(
         init_theta=lambda key: init_theta(config, key),
-        init_state=init_relative_state if config.features == "relative" else init_state,
+        init_state=INIT_STATE[config.features],
         # The MLP lopt reads no loss; ``loss`` is accepted for the common interface.
         update=lambda theta, params, grads, state, loss=None: update(config, theta, params, grads, state),
     )
