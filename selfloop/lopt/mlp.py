@@ -44,6 +44,7 @@ Three settings change what the MLP can express, not the update formula:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -252,6 +253,19 @@ def update(
     return new_params, MLPLOptState(momenta=momenta, step=state.step + 1)
 
 
+def _update_with_running_scale(update_tensor, params: Params, grads: Params, state, *per_weight: Params):
+    """``update_tensor(p, g, *per-weight state, scale_weight, time features)`` on
+    every tensor, for the feature kinds that keep a running gradient scale:
+    the tuple of new trees it returns per tensor, and the new scale weight."""
+    time_feats = time_features(state.step)
+    scale_weight = GRAD_SCALE_DECAY * state.scale_weight + (1.0 - GRAD_SCALE_DECAY)
+    new_trees = _map_tensors(
+        lambda p, g, *tensor_state: update_tensor(p, g, *tensor_state, scale_weight, time_feats),
+        params, grads, *per_weight,
+    )
+    return new_trees, scale_weight
+
+
 def update_relative(
     config: MLPLOptConfig,
     theta: Theta,
@@ -260,11 +274,9 @@ def update_relative(
     state: RelativeMLPLOptState,
 ) -> tuple[Params, RelativeMLPLOptState]:
     """``update`` with relative features (the state carries the gradient scales)."""
-    time_feats = time_features(state.step)
-    scale_weight = GRAD_SCALE_DECAY * state.scale_weight + (1.0 - GRAD_SCALE_DECAY)
-    new_params, momenta, grad_scale = _map_tensors(
-        lambda p, g, m, r: _update_tensor_relative(config, theta, p, g, m, r, scale_weight, time_feats),
-        params, grads, state.momenta, state.grad_scale,
+    (new_params, momenta, grad_scale), scale_weight = _update_with_running_scale(
+        functools.partial(_update_tensor_relative, config, theta), params, grads, state,
+        state.momenta, state.grad_scale,
     )
     return new_params, RelativeMLPLOptState(momenta, grad_scale, scale_weight, state.step + 1)
 
@@ -277,11 +289,9 @@ def update_adaptive(
     state: AdaptiveMLPLOptState,
 ) -> tuple[Params, AdaptiveMLPLOptState]:
     """``update`` with adaptive features (the state also carries per-weight second moments)."""
-    time_feats = time_features(state.step)
-    scale_weight = GRAD_SCALE_DECAY * state.scale_weight + (1.0 - GRAD_SCALE_DECAY)
-    new_params, momenta, second, grad_scale = _map_tensors(
-        lambda p, g, m, v, r: _update_tensor_adaptive(config, theta, p, g, m, v, r, scale_weight, time_feats),
-        params, grads, state.momenta, state.second_moment, state.grad_scale,
+    (new_params, momenta, second, grad_scale), scale_weight = _update_with_running_scale(
+        functools.partial(_update_tensor_adaptive, config, theta), params, grads, state,
+        state.momenta, state.second_moment, state.grad_scale,
     )
     return new_params, AdaptiveMLPLOptState(momenta, second, grad_scale, scale_weight, state.step + 1)
 
