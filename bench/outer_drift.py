@@ -31,7 +31,7 @@ from selfloop.evaluation.heldout import adam_reference, evaluate_members
 from selfloop.farm.engines import LocalFarm
 from selfloop.lopt import make_lopt
 from selfloop.lopt.base import tree_l2_norm
-from selfloop.master.population import outer_step_fn, outer_time_limit
+from selfloop.master.population import outer_settings, outer_step_fn
 from selfloop.store.checkpoint import list_checkpoints, read_checkpoint, saved_config
 from selfloop.tasks.sampler import heldout_tasks
 
@@ -63,8 +63,7 @@ def drift(config, outer_theta, theta, outer_state, step_scale: float, kind: str,
     for _ in range(steps):
         key, sub = jax.random.split(key)
         out = step_fn(outer_theta, theta, feed(kind, theta, scales, sub), outer_state, jnp.float32(0.5),
-                      jnp.float32(step_scale), jnp.float32(config.population.max_step_ratio),
-                      jnp.int32(outer_time_limit(config)))
+                      jnp.float32(step_scale), outer_settings(config))
         theta, outer_state = out.theta, out.state
         shortened += int(out.shortened)
     return theta, shortened / steps
@@ -96,7 +95,8 @@ def main() -> None:
     champion = state.champion
     outer_theta = state.members[champion.outer_index].theta
     print(f"{paths[0]}: champion from member {champion.source}, trained by member {champion.outer_index}; "
-          f"lopt {config.lopt}; {args.steps} outer steps, step rail {config.population.max_step_ratio}")
+          f"lopt {config.lopt}; {args.steps} outer steps, step rail {config.population.max_step_ratio}, "
+          f"outer step multiplier {config.population.outer_step_mult}")
 
     thetas, rows = [champion.theta], ["start (the champion)"]
     for kind in ("zero", "noise"):

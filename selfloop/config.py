@@ -33,7 +33,12 @@ ALL_FAMILIES = (
     "digits_mlp",
     "digits_ae",
     "char_rnn",
+    "noisy_quadratic",
 )
+# The families a user trains on and is evaluated on by default. noisy_quadratic
+# is the outer problem's regime, mixed into training episodes by
+# ``tasks.noisy_quadratic_share``; held-out sets and tournaments leave it out.
+USER_FAMILIES = ALL_FAMILIES[:-1]
 # Keys added after run directories and optimizer files were first written,
 # with the value that a saved config without them meant.
 ADDED_KEYS: dict[str, Any] = {
@@ -47,6 +52,8 @@ ADDED_KEYS: dict[str, Any] = {
     "pbt.restore_truncation": True,
     "pbt.task_allocation": "uniform",
     "pbt.allocation_floor": 0.2,
+    "tasks.noisy_quadratic_share": 0.0,
+    "population.outer_step_mult": 1.0,
 }
 
 
@@ -119,6 +126,14 @@ class PopulationConfig:
     # mostly-noise meta-gradient proposes steps that cost a good member its
     # held-out loss; without a bound nothing is learned.
     max_step_ratio: float = non_negative(0.003)
+    # An outer optimizer's step is its lopt's step times this. The lopt's
+    # step is sized by ``lopt.step_mult`` for inner problems, whose good
+    # steps are an order of magnitude longer, relative to their weights, than
+    # what a meta-gradient carrying little signal calls for; with this at 1
+    # the rail above sets nearly every outer step's length. 1 by default:
+    # at 0.1 (1 % rail) selection grew the proposals back toward the rail
+    # and the run learned more slowly (BENCHMARKS.md).
+    outer_step_mult: float = positive(1.0)
     # An outer optimizer reads its step count through time features that it
     # only ever learned on inner problems of at most tasks.horizon_max steps.
     # Clamping the outer step count there keeps those features in distribution
@@ -167,10 +182,17 @@ class EstimatorConfig:
 
 @dataclass(frozen=True)
 class TasksConfig:
-    families: tuple[str, ...] = subset_of(ALL_FAMILIES, ALL_FAMILIES)
+    families: tuple[str, ...] = subset_of(ALL_FAMILIES, USER_FAMILIES)
     # Inner episodes of 200-2000 steps: 5-100 segments each (the paper's 1e3-1e4 / 5).
     horizon_min: int = positive(200)
     horizon_max: int = positive(2000)
+    # Share of training episodes (the units that estimate meta-gradients) on
+    # noisy_quadratic, whose gradients are mostly noise, on top of
+    # ``families``. The same lopt is every member's outer optimizer, fed a
+    # meta-gradient of that kind, and trained only on clean inner gradients
+    # it sizes its outer steps for them (selfloop/tasks/synthetic.py). Off by
+    # default: at 0.2 the proposed outer steps were no shorter (BENCHMARKS.md).
+    noisy_quadratic_share: float = probability(0.0)
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,8 @@ class Round(Event):
     rejected: int = 0
     shortened: int = 0  # by the step rail
     step_scale: tuple[float, ...] = ()
-    # Median ‖Δθ‖/‖θ‖ as the outer optimizers proposed it, before the rail and the step scale.
+    # Median ‖Δθ‖/‖θ‖ as the outer optimizers proposed it (times population.outer_step_mult),
+    # before the rail and the step scale.
     step_ratio: float | None = None
     replaced_tasks: int = 0
     failed_units: int = 0

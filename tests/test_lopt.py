@@ -254,18 +254,18 @@ def test_adaptive_channels_size_each_weight_by_its_own_gradient():
     assert 0.7 < large / small < 1.4 and 0.5 < small < 2.0
 
 
-def test_the_step_scale_shortens_the_outer_step_inside_the_rail():
+def test_outer_step_multiplier_scales_the_step_before_the_rail_and_the_step_scale_after():
     from selfloop.lopt.base import tree_l2_norm
-    from selfloop.master.population import outer_step_fn
+    from selfloop.master.population import OuterSettings, outer_step_fn
 
     lopt = make_lopt(RELATIVE_ODD)
     outer, theta = lopt.init_theta(jax.random.PRNGKey(7)), lopt.init_theta(jax.random.PRNGKey(8))
     gradient = jax.tree_util.tree_map(lambda x: jnp.ones_like(x), theta)
     step = outer_step_fn(lopt)
 
-    def moved(scale, rail):
+    def moved(scale, rail, mult=1.0):
         out = step(outer, theta, gradient, lopt.init_state(theta), jnp.float32(0.5), jnp.float32(scale),
-                   jnp.float32(rail), jnp.int32(0))
+                   OuterSettings(jnp.float32(mult), jnp.float32(rail), jnp.int32(0)))
         return float(tree_l2_norm(jax.tree_util.tree_map(jnp.subtract, out.theta, theta))), out
 
     free, out = moved(1.0, 0.0)
@@ -274,12 +274,16 @@ def test_the_step_scale_shortens_the_outer_step_inside_the_rail():
     railed, out = moved(1.0, rail)
     assert out.shortened and np.isclose(moved(0.25, rail)[0], 0.25 * railed, rtol=1e-4)
     assert np.isclose(railed, rail * float(tree_l2_norm(theta)), rtol=1e-4)
+    # The multiplier shortens the proposal, which then fits within that rail.
+    short, out = moved(1.0, rail, mult=0.4)
+    assert not out.shortened and np.isclose(short, 0.4 * free, rtol=1e-4)
+    assert np.isclose(float(out.step_ratio), 0.4 * 2 * rail, rtol=1e-4)
 
 
 @pytest.mark.parametrize("config", [RELATIVE_ODD, ADAPTIVE_ODD])
 def test_odd_outer_optimizer_does_not_move_theta_without_signal(config):
     """The drift check on the self-training path itself: 200 outer steps fed ĝ = 0."""
-    from selfloop.master.population import outer_step_fn
+    from selfloop.master.population import OuterSettings, outer_step_fn
 
     lopt = make_lopt(config)
     outer, theta = lopt.init_theta(jax.random.PRNGKey(7)), lopt.init_theta(jax.random.PRNGKey(8))
@@ -287,7 +291,8 @@ def test_odd_outer_optimizer_does_not_move_theta_without_signal(config):
     zeros = jax.tree_util.tree_map(jnp.zeros_like, theta)
     step = outer_step_fn(lopt)
     for _ in range(200):
-        out = step(outer, theta, zeros, state, jnp.float32(0.5), jnp.float32(1.0), jnp.float32(0.003), jnp.int32(2000))
+        out = step(outer, theta, zeros, state, jnp.float32(0.5), jnp.float32(1.0),
+                   OuterSettings(jnp.float32(1.0), jnp.float32(0.003), jnp.int32(2000)))
         theta, state = out.theta, out.state
     for a, b in zip(jax.tree_util.tree_leaves(theta), jax.tree_util.tree_leaves(start)):
         np.testing.assert_array_equal(a, b)

@@ -18,7 +18,14 @@ import numpy as np
 
 from selfloop.farm.units import run_unit
 from selfloop.lopt import make_lopt
-from selfloop.master.population import apply_outer_steps, init_population, mean_gradient, outer_time_limit
+from selfloop.master.population import (
+    OuterSettings,
+    apply_outer_steps,
+    init_population,
+    mean_gradient,
+    outer_settings,
+    outer_time_limit,
+)
 from selfloop.master.trainer import Trainer, absorb_results, make_units
 from selfloop.state import RunState
 
@@ -104,7 +111,7 @@ def test_theta_changes_only_through_the_outer_lopt(smoke_config, tmp_path):
     snapshot = [(m.theta, m.outer_state, m.outer_index) for m in state.members]
     results = [run_unit(trainer.context, unit) for unit in make_units(state)]
     gradients = absorb_results(state, results, config.estimator.pairs)
-    apply_outer_steps(state.members, gradients, trainer.lopt, max_step_ratio=0.0)
+    apply_outer_steps(state.members, gradients, trainer.lopt, outer_settings(config))
     update = jax.jit(trainer.lopt.update)
     for i, member in enumerate(state.members):
         theta, outer_state, outer_index = snapshot[i]
@@ -123,7 +130,7 @@ def test_outer_time_stops_at_the_inner_horizon_when_clamped(smoke_config):
         members = init_population(smoke_config)
         gradients = {i: [jax.tree_util.tree_map(np.ones_like, m.theta)] for i, m in enumerate(members)}
         for _ in range(5):
-            apply_outer_steps(members, gradients, lopt, max_step_ratio=0.01, time_limit=limit)
+            apply_outer_steps(members, gradients, lopt, OuterSettings(1.0, 0.01, limit))
         counts[limit] = {int(m.outer_state.step) for m in members}
         assert {m.steps for m in members} == {5}  # every step was taken either way
     assert counts == {3: {3}, 0: {5}}

@@ -91,3 +91,42 @@ def test_adam_sweep_is_the_papers_fifteen_rates():
 def test_task_keys_are_jax_arrays():
     spec = _spec_in("quadratic", 0)
     assert all(isinstance(v, jax.Array) for v in spec.dynamic_arrays().values())
+
+
+def test_noisy_quadratic_gradients_are_the_clean_gradient_plus_the_stated_noise():
+    """Its loss reads no noise; its gradients average to the clean one, with σ of the family's formula."""
+    family = TASK_FAMILIES["noisy_quadratic"]
+    spec = _spec_in("noisy_quadratic", 0, seed=3)
+    bucket, dyn = family.buckets[0], spec.dynamic_arrays()
+    consts = family.make_consts(bucket, dyn, {}, jax.random.PRNGKey(0))
+    params = family.init_params(bucket, dyn, consts, jax.random.PRNGKey(1))
+
+    def clean(p):
+        return 0.5 * dyn["scale"] * jax.numpy.mean(consts["eigenvalues"] * (p["x"] - consts["optimum"]) ** 2)
+
+    keys = jax.random.split(jax.random.PRNGKey(2), 4000)
+    losses = jax.vmap(lambda k: family.loss(bucket, dyn, {}, consts, params, k))(keys)
+    np.testing.assert_allclose(losses, clean(params), rtol=1e-6)
+    grads = jax.vmap(lambda k: jax.grad(lambda p: family.loss(bucket, dyn, {}, consts, p, k))(params)["x"])(keys)
+    sigma = float(family.gradient_noise_std(bucket, dyn, consts))
+    clean_grad = jax.grad(clean)(params)["x"]
+    assert float(np.sqrt(np.mean(np.square(clean_grad)))) < 1.5 * sigma / float(dyn["noise_ratio"])
+    np.testing.assert_allclose(grads.mean(0), clean_grad, atol=5 * sigma / np.sqrt(len(keys)))
+    np.testing.assert_allclose(grads.std(0).mean(), sigma, rtol=0.02)
+
+
+def test_noisy_quadratic_enters_training_episodes_only_at_its_share():
+    """Units draw it at ``tasks.noisy_quadratic_share``; the default families,
+    and so held-out sets and tournaments, never include it."""
+    import dataclasses
+
+    from selfloop.config import USER_FAMILIES, EstimatorConfig, LOptConfig, TasksConfig
+    from selfloop.farm.units import UnitContext, slot_task
+
+    assert TasksConfig().families == USER_FAMILIES and "noisy_quadratic" not in USER_FAMILIES
+    assert "noisy_quadratic" not in {s.family for s in heldout_tasks(90, TasksConfig().families, seed=1)}
+    for share in (0.0, 0.3):
+        tasks = dataclasses.replace(TasksConfig(), noisy_quadratic_share=share)
+        context = UnitContext(seed=0, lopt=LOptConfig(), estimator=EstimatorConfig(), tasks=tasks)
+        drawn = [slot_task(context, member, 0, generation).family for member in range(10) for generation in range(60)]
+        assert abs(drawn.count("noisy_quadratic") / len(drawn) - share) < 0.05

@@ -64,6 +64,8 @@ def slot_task(context: UnitContext, member: int, slot: int, generation: int) -> 
     """The task a slot trains in its ``generation``-th episode: a pure function
     of the run seed and the slot's position, so replays draw the same task."""
     rng = np.random.default_rng([context.seed, member, slot, generation, 0x7A5C])
+    if context.tasks.noisy_quadratic_share > 0 and rng.random() < context.tasks.noisy_quadratic_share:
+        return sample_training_task(rng, ("noisy_quadratic",))
     return sample_training_task(rng, context.tasks.families)
 
 
@@ -124,7 +126,8 @@ def warm_up(context: UnitContext, truncation: int) -> int:
     theta = lopt.init_theta(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     count = 0
-    for name in context.tasks.families:
+    extra = ("noisy_quadratic",) if context.tasks.noisy_quadratic_share > 0 else ()
+    for name in dict.fromkeys(context.tasks.families + extra):
         family = TASK_FAMILIES[name]
         for bucket in range(len(family.buckets)):
             spec = sample_training_task(rng, (name,))

@@ -28,13 +28,27 @@ class OuterStep(NamedTuple):
     theta: Any
     state: Any
     accepted: jax.Array  # bool []: False when the step would leave θ non-finite
-    step_ratio: jax.Array  # float32 []: ‖Δθ‖/‖θ‖ as proposed by the lopt
+    step_ratio: jax.Array  # float32 []: ‖Δθ‖/‖θ‖ as proposed (times the step multiplier), before the rail
     shortened: jax.Array  # bool []: whether the step-size rail shortened it
+
+
+class OuterSettings(NamedTuple):
+    """The run's fixed settings of every outer step (scalars, traced)."""
+
+    step_mult: jax.Array | float  # float32 []: the lopt's step, acting as an outer optimizer, times this
+    max_step_ratio: jax.Array | float  # float32 []: the rail (0: none)
+    time_limit: jax.Array | int  # int32 []: the outer state's step count stops here (0: never)
 
 
 def outer_time_limit(config: Config) -> int:
     """The step count at which outer optimizers' time stops (0: never)."""
     return config.tasks.horizon_max if config.population.clamp_outer_time else 0
+
+
+def outer_settings(config: Config) -> OuterSettings:
+    population = config.population
+    return OuterSettings(jnp.float32(population.outer_step_mult), jnp.float32(population.max_step_ratio),
+                         jnp.int32(outer_time_limit(config)))
 
 
 def context_for(config: Config) -> UnitContext:
@@ -65,25 +79,28 @@ def init_population(config: Config) -> list[Member]:
 
 @functools.cache
 def outer_step_fn(lopt: LearnedOptimizer):
-    """Jitted outer update for ``lopt``: the lopt's own update rule, with two
-    safety rails that never replace it: a non-finite result is rejected, and a
-    step longer than ``max_step_ratio``·‖θ‖ is shortened (0 disables). The
-    state's step count stops at ``time_limit`` (0: never), so the outer
-    optimizer's time features stay where it learned them. The step, once
-    within the rail, is multiplied by the member's ``step_scale`` (at most 1,
-    explored by PBT): where the rail binds, the scale still sets the length,
-    so selection can shorten (anneal) it."""
+    """Jitted outer update for ``lopt``: the lopt's own update rule, its step
+    times the run's fixed ``settings.step_mult`` (the lopt's step size for the
+    outer problem, as ``lopt.step_mult`` is for inner ones), with two safety
+    rails that never replace it: a non-finite result is rejected, and a step
+    longer than ``max_step_ratio``·‖θ‖ is shortened (0 disables). The state's
+    step count stops at ``time_limit`` (0: never), so the outer optimizer's
+    time features stay where it learned them. The step, once within the
+    rail, is multiplied by the member's ``step_scale`` (at most 1, explored
+    by PBT): where the rail binds, the scale still sets the length, so
+    selection can shorten (anneal) it."""
 
     @jax.jit
-    def outer_step(outer_theta, theta, gradient, state, meta_loss, step_scale, max_step_ratio,
-                   time_limit) -> OuterStep:
+    def outer_step(outer_theta, theta, gradient, state, meta_loss, step_scale,
+                   settings: OuterSettings) -> OuterStep:
         gradient = jax.tree_util.tree_map(lambda g: jnp.where(jnp.isfinite(g), g, 0.0), gradient)
         # The member's meta-loss is the "training loss" of θ (read by the hierarchical lopt).
         proposed, new_state = lopt.update(outer_theta, theta, gradient, state, meta_loss)
+        time_limit, max_step_ratio = settings.time_limit, settings.max_step_ratio
         new_state = new_state._replace(
             step=jnp.where(time_limit > 0, jnp.minimum(new_state.step, time_limit), new_state.step)
         )
-        delta = jax.tree_util.tree_map(jnp.subtract, proposed, theta)
+        delta = jax.tree_util.tree_map(lambda p, t: settings.step_mult * (p - t), proposed, theta)
         theta_norm = tree_l2_norm(theta)
         ratio = tree_l2_norm(delta) / jnp.maximum(theta_norm, 1e-12)
         shortened = (max_step_ratio > 0) & (ratio > max_step_ratio)
@@ -108,15 +125,14 @@ def _stack(trees: list[Any]) -> Any:
 @functools.cache
 def batched_outer_step_fn(lopt: LearnedOptimizer):
     """``outer_step_fn`` for several members at once (leading axis: member)."""
-    return jax.jit(jax.vmap(outer_step_fn(lopt).__wrapped__, in_axes=(0, 0, 0, 0, 0, 0, None, None)))
+    return jax.jit(jax.vmap(outer_step_fn(lopt).__wrapped__, in_axes=(0, 0, 0, 0, 0, 0, None)))
 
 
 def apply_outer_steps(
     members: list[Member],
     gradients: dict[int, list[Any]],
     lopt: LearnedOptimizer,
-    max_step_ratio: float,
-    time_limit: int = 0,
+    settings: OuterSettings,
 ) -> dict[int, OuterStep]:
     """Update every member that has gradients, all from the same snapshot of
     the population (θ_{o(i)} as it was at the start of the round), in one call."""
@@ -130,8 +146,7 @@ def apply_outer_steps(
         _stack([members[i].outer_state for i in updated]),
         np.asarray([members[i].meta_loss for i in updated], np.float32),
         np.asarray([members[i].step_scale for i in updated], np.float32),
-        jnp.float32(max_step_ratio),
-        jnp.int32(time_limit),
+        settings,
     )
     result = jax.device_get(result)  # one transfer; members then hold numpy views
     steps = {}

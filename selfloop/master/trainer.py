@@ -32,7 +32,7 @@ from selfloop.farm.units import UnitResult, WorkUnit, run_unit, warm_up
 from selfloop.lopt import make_lopt
 from selfloop.master import guard
 from selfloop.master.pbt import ScoringFailed, tournament
-from selfloop.master.population import apply_outer_steps, context_for, init_population, outer_time_limit
+from selfloop.master.population import apply_outer_steps, context_for, init_population, outer_settings
 from selfloop.master.session import PhaseProgress, Session
 from selfloop.state import FamilySpread, RunState
 from selfloop.store.checkpoint import prune, write_checkpoint
@@ -277,13 +277,7 @@ class Trainer:
         gradients = absorb_results(state, results, self.config.estimator.pairs)
         if self.config.guard.rollback:
             self._guard(state, gradients)
-        steps = apply_outer_steps(
-            state.members,
-            gradients,
-            self.lopt,
-            self.config.population.max_step_ratio,
-            outer_time_limit(self.config),
-        )
+        steps = apply_outer_steps(state.members, gradients, self.lopt, outer_settings(self.config))
         for i, step in steps.items():
             if not bool(step.accepted):
                 self.log(events.Rejected(state.round, i, "the outer step would have made θ or its state non-finite; "

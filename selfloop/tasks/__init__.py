@@ -13,6 +13,7 @@ from selfloop.tasks.networks import (
 from selfloop.tasks.synthetic import (
     LinearRegression,
     LogisticRegression,
+    NoisyQuadratic,
     Quadratic,
     TestFunction2D,
 )
@@ -30,6 +31,7 @@ TASK_FAMILIES: dict[str, TaskFamily] = {
         DigitsMLP(),
         DigitsAutoencoder(),
         CharRNN(),
+        NoisyQuadratic(),
     )
 }
 

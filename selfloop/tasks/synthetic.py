@@ -55,6 +55,52 @@ class Quadratic:
         return 0.5 * dyn["scale"] * jnp.mean(curvature * y * y)
 
 
+
+class NoisyQuadratic(Quadratic):
+    """A diagonal quadratic whose gradients carry noise far above their signal.
+
+    The loss is 0.5·scale·mean_i λ_i (x − x*)_i², λ log-spaced to a condition
+    number; every gradient adds N(0, σ²) per coordinate, σ = ``noise_ratio``
+    times the RMS gradient at a typical initialization (1 to 100), and the
+    noise does not shrink as x nears x*. The loss value carries no noise, so
+    the meta-objective reads the true loss. This is the regime an outer
+    optimizer works in (an ES meta-gradient of a thousand-weight θ whose
+    independent estimates barely agree): here a gradient that does not
+    persist calls for a short step, which clean inner problems never teach.
+    (Zhang et al. 2019, "Which algorithmic choices matter at which batch
+    sizes? Insights from a noisy quadratic model", study the same problem.)
+    Its data and initialization are the quadratic's.
+    """
+
+    name = "noisy_quadratic"
+    buckets = (QuadraticBucket(dim=100), QuadraticBucket(dim=1000))
+
+    def sample_dynamic(self, rng, bucket):
+        return {
+            "log10_cond": float(rng.uniform(0.0, 3.0)),
+            "scale": log_uniform(rng, 1e-3, 1e3),
+            "noise_ratio": log_uniform(rng, 1.0, 100.0),
+        }
+
+    def make_consts(self, bucket, dyn, data, key):
+        k_order, k_opt = jax.random.split(key)
+        exponents = jax.random.permutation(k_order, jnp.linspace(0.0, 1.0, bucket.dim)) * dyn["log10_cond"]
+        return {"eigenvalues": 10.0**exponents, "optimum": jax.random.normal(k_opt, (bucket.dim,))}
+
+    def gradient_noise_std(self, bucket, dyn, consts):
+        """σ: ``noise_ratio`` times the RMS clean gradient at x, x* ~ N(0, I) (E[(x − x*)²] = 2)."""
+        clean_rms = dyn["scale"] / bucket.dim * jnp.sqrt(2.0 * jnp.mean(jnp.square(consts["eigenvalues"])))
+        return dyn["noise_ratio"] * clean_rms
+
+    def loss(self, bucket, dyn, data, consts, params, key):
+        x = params["x"]
+        y = x - consts["optimum"]
+        clean = 0.5 * dyn["scale"] * jnp.mean(consts["eigenvalues"] * y * y)
+        noise = self.gradient_noise_std(bucket, dyn, consts) * jax.random.normal(key, (bucket.dim,))
+        # Zero in value, ``noise`` in gradient.
+        return clean + jnp.sum(noise * (x - jax.lax.stop_gradient(x)))
+
+
 def _rosenbrock(xy):
     x, y = xy[0], xy[1]
     return (1.0 - x) ** 2 + 100.0 * (y - x * x) ** 2
