@@ -305,9 +305,9 @@ def _allocating(config, floor=0.2):
 
 
 def _nine_families(config):
-    from selfloop.config import ALL_FAMILIES
+    from selfloop.config import USER_FAMILIES
 
-    return dataclasses.replace(config, tasks=dataclasses.replace(config.tasks, families=ALL_FAMILIES))
+    return dataclasses.replace(config, tasks=dataclasses.replace(config.tasks, families=USER_FAMILIES))
 
 
 def test_uniform_allocation_draws_the_tournament_tasks_of_before_with_unit_weights(smoke_config):
