@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ALL_FAMILIES = (
+# The families a user trains on and is evaluated on by default.
+USER_FAMILIES = (
     "quadratic",
     "test2d",
     "linreg",
@@ -33,12 +34,11 @@ ALL_FAMILIES = (
     "digits_mlp",
     "digits_ae",
     "char_rnn",
-    "noisy_quadratic",
 )
-# The families a user trains on and is evaluated on by default. noisy_quadratic
-# is the outer problem's regime, mixed into training episodes by
+# The outer problem's regime, mixed into training episodes by
 # ``tasks.noisy_quadratic_share``; held-out sets and tournaments leave it out.
-USER_FAMILIES = ALL_FAMILIES[:-1]
+NOISY_QUADRATIC = "noisy_quadratic"
+ALL_FAMILIES = USER_FAMILIES + (NOISY_QUADRATIC,)
 # Keys added after run directories and optimizer files were first written,
 # with the value that a saved config without them meant.
 ADDED_KEYS: dict[str, Any] = {
@@ -193,6 +193,12 @@ class TasksConfig:
     # it sizes its outer steps for them (selfloop/tasks/synthetic.py). Off by
     # default: at 0.2 the proposed outer steps were no shorter (BENCHMARKS.md).
     noisy_quadratic_share: float = probability(0.0)
+
+    @property
+    def episode_families(self) -> tuple[str, ...]:
+        """Every family a training episode may be drawn from."""
+        extra = (NOISY_QUADRATIC,) if self.noisy_quadratic_share > 0 else ()
+        return tuple(dict.fromkeys(self.families + extra))
 
 
 @dataclass(frozen=True)

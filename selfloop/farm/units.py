@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from selfloop.config import EstimatorConfig, LOptConfig, TasksConfig
+from selfloop.config import NOISY_QUADRATIC, EstimatorConfig, LOptConfig, TasksConfig
 from selfloop.estimators import SlotState, estimate_gradient, needs_reset, new_slot
 from selfloop.lopt import make_lopt
 from selfloop.tasks.base import TaskSpec
@@ -65,7 +65,7 @@ def slot_task(context: UnitContext, member: int, slot: int, generation: int) -> 
     of the run seed and the slot's position, so replays draw the same task."""
     rng = np.random.default_rng([context.seed, member, slot, generation, 0x7A5C])
     if context.tasks.noisy_quadratic_share > 0 and rng.random() < context.tasks.noisy_quadratic_share:
-        return sample_training_task(rng, ("noisy_quadratic",))
+        return sample_training_task(rng, (NOISY_QUADRATIC,))
     return sample_training_task(rng, context.tasks.families)
 
 
@@ -126,8 +126,7 @@ def warm_up(context: UnitContext, truncation: int) -> int:
     theta = lopt.init_theta(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     count = 0
-    extra = ("noisy_quadratic",) if context.tasks.noisy_quadratic_share > 0 else ()
-    for name in dict.fromkeys(context.tasks.families + extra):
+    for name in context.tasks.episode_families:
         family = TASK_FAMILIES[name]
         for bucket in range(len(family.buckets)):
             spec = sample_training_task(rng, (name,))

@@ -201,13 +201,17 @@ def _update_tensor(config, theta, p, g, momentum, time_feats):
     return p - _step_from_features(config, theta, gradient_channels, p, time_feats), momentum
 
 
+def _debiased(ema, scale_weight):
+    """An EMA started at zero, divided by the same EMA of 1 (Adam's bias correction)."""
+    return ema / jnp.maximum(scale_weight, 1e-12)
+
+
 def _relative_inputs(g, momentum, grad_scale, scale_weight):
     """The relative channels after gradient ``g``, with the new momentum and running scale."""
     g = jnp.where(jnp.isfinite(g), g, 0.0)
     momentum = _new_momentum(g, momentum)
     grad_scale = GRAD_SCALE_DECAY * grad_scale + (1.0 - GRAD_SCALE_DECAY) * tensor_rms(g)
-    unbiased_scale = grad_scale / jnp.maximum(scale_weight, 1e-12)
-    return relative_channels(g, momentum, unbiased_scale), momentum, grad_scale
+    return relative_channels(g, momentum, _debiased(grad_scale, scale_weight)), momentum, grad_scale
 
 
 def _update_tensor_relative(config, theta, p, g, momentum, grad_scale, scale_weight, time_feats):
@@ -219,7 +223,7 @@ def _update_tensor_adaptive(config, theta, p, g, momentum, second, grad_scale, s
     relative, momentum, grad_scale = _relative_inputs(g, momentum, grad_scale, scale_weight)
     # Relative, not raw, squared gradients: finite for gradients of 1e-30 or 1e30.
     second = GRAD_SCALE_DECAY * second + (1.0 - GRAD_SCALE_DECAY) * jnp.square(relative[..., 0])
-    per_weight = adaptive_channels(relative, second / jnp.maximum(scale_weight, 1e-12))
+    per_weight = adaptive_channels(relative, _debiased(second, scale_weight))
     gradient_channels = jnp.concatenate([relative, per_weight], axis=-1)
     return p - _step_from_features(config, theta, gradient_channels, p, time_feats), momentum, second, grad_scale
 

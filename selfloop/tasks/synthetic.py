@@ -55,7 +55,6 @@ class Quadratic:
         return 0.5 * dyn["scale"] * jnp.mean(curvature * y * y)
 
 
-
 class NoisyQuadratic(Quadratic):
     """A diagonal quadratic whose gradients carry noise far above their signal.
 
