@@ -105,6 +105,7 @@ def build_export_parser() -> argparse.ArgumentParser:
         help="'best' (lowest latest held-out loss), 'champion' (PBT's best snapshot) or a member number",
     )  # fmt: skip
     parser.add_argument("--out", required=True, type=Path, help="the optimizer file to write (.h5)")
+    parser.add_argument("--round", type=int, help="export from the checkpoint of this round (default: the newest)")
     return parser
 
 
@@ -113,7 +114,7 @@ def export_main(argv: list[str]) -> int:
     config = resolve_config(args)
     from selfloop.export import export_from_run
 
-    member, state = export_from_run(Path(config.run.checkpoint_dir), config, args.member, args.out)
+    member, state = export_from_run(Path(config.run.checkpoint_dir), config, args.member, args.out, args.round)
     if member == "champion":
         print(f"exported the PBT champion (from m{state.champion.source} at round {state.champion.round}) of "
               f"{config.run.checkpoint_dir} to {args.out}")

@@ -12,8 +12,9 @@ import numpy as np
 
 from selfloop.config import Config, ConfigError, config_to_dict
 from selfloop.state import RunState
-from selfloop.store.checkpoint import load_latest
+from selfloop.store.checkpoint import load_latest, read_checkpoint
 from selfloop.store.optimizer import write_optimizer
+from selfloop.store.rundir import CHECKPOINT_NAME, RunDir
 
 
 def choose_member(state: RunState, which: str) -> int:
@@ -48,12 +49,23 @@ def export_member(state: RunState, config: Config, member: int | str, out: Path,
     write_optimizer(out, config_to_dict(config)["lopt"], chosen.theta, provenance)
 
 
-def export_from_run(run_dir: Path, config: Config, which: str, out: Path) -> tuple[int | str, RunState]:
-    """Export from the newest readable checkpoint of ``run_dir``; returns (member, state)."""
-    found = load_latest(run_dir, config, on_skip=lambda path, error: print(f"warning: skipping {error}"))
-    if found is None:
-        raise ConfigError(f"{run_dir}: no readable checkpoint to export from")
-    state, path = found
+def export_from_run(run_dir: Path, config: Config, which: str, out: Path,
+                    round_index: int | None = None) -> tuple[int | str, RunState]:
+    """Export from the newest readable checkpoint of ``run_dir``, or from the
+    checkpoint of round ``round_index`` (a snapshot the run kept: see
+    ``checkpoint.keep``); returns (member, state)."""
+    if round_index is None:
+        found = load_latest(run_dir, config, on_skip=lambda path, error: print(f"warning: skipping {error}"))
+        if found is None:
+            raise ConfigError(f"{run_dir}: no readable checkpoint to export from")
+        state, path = found
+    else:
+        path = RunDir(run_dir).checkpoint(round_index)
+        if not path.exists():
+            kept = sorted(int(CHECKPOINT_NAME.match(p.name).group(1)) for p in RunDir(run_dir).checkpoints())
+            raise ConfigError(f"--round {round_index}: {path} does not exist; the rounds {run_dir} keeps "
+                              f"checkpoints of: {kept or 'none'}")
+        state = read_checkpoint(path, config)
     member = "champion" if which == "champion" else choose_member(state, which)
     export_member(state, config, member, out, source=str(path))
     return member, state

@@ -91,3 +91,27 @@ def test_export_round_trips_the_members_weights(smoke_config, tmp_path):
     assert updates["w"].shape == (3,) and bool(jnp.all(jnp.isfinite(updates["w"])))
     with pytest.raises(ValueError, match="params"):
         optimizer.update({"w": jnp.ones((3,))}, optimizer.init(params))
+
+
+def test_export_from_an_earlier_checkpoint_by_round(smoke_config, tmp_path):
+    from selfloop.export import export_from_run
+    from selfloop.store.checkpoint import write_checkpoint
+
+    trainer = Trainer(smoke_config, tmp_path, report=lambda r: None)
+    state = trainer.new_state()
+    earlier = state.members[0].theta
+    write_checkpoint(tmp_path, state, smoke_config)
+    trainer.run_round(state)
+    write_checkpoint(tmp_path, state, smoke_config)
+    assert state.round == 1
+
+    export_from_run(tmp_path, smoke_config, "0", tmp_path / "r0.h5", round_index=0)
+    export_from_run(tmp_path, smoke_config, "0", tmp_path / "newest.h5")
+    _, from_round_0 = load_theta(tmp_path / "r0.h5")
+    _, newest = load_theta(tmp_path / "newest.h5")
+    for a, b in zip(jax.tree_util.tree_leaves(from_round_0), jax.tree_util.tree_leaves(earlier)):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(newest),
+                                                         jax.tree_util.tree_leaves(earlier)))
+    with pytest.raises(ConfigError, match=r"--round 7: .* keeps checkpoints of: \[0, 1\]"):
+        export_from_run(tmp_path, smoke_config, "0", tmp_path / "r7.h5", round_index=7)
