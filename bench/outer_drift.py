@@ -13,10 +13,16 @@ after. Two feeds:
   features, which are scale-free).
 
 An optimizer without drift changes the held-out loss by no more than a random
-walk does: the third row moves θ by the same distance as the noise feed did,
-in a random direction.
+walk does: ``--controls`` rows move θ by the same distance as the noise feed
+did, each in its own random direction. Their spread is the bench's resolution:
+how much moving that far changes the score of this θ whatever the direction.
 
-    python bench/outer_drift.py checkpoints/default --steps 220
+``--outer-state fresh`` feeds the same signals to an outer state with no
+history (zero momenta and second moments; the run's step count, so the time
+features match): what the outer optimizer does with no signal by itself,
+apart from the momentum it carries from the meta-gradients it was given.
+
+    python bench/outer_drift.py checkpoints/default --steps 220 --controls 4
 """
 
 from __future__ import annotations
@@ -69,6 +75,11 @@ def drift(config, outer_theta, theta, outer_state, step_scale: float, kind: str,
     return theta, shortened / steps
 
 
+def fresh_outer_state(lopt, theta, kept_state):
+    """An outer state with no history but the kept state's step count."""
+    return lopt.init_state(theta)._replace(step=kept_state.step)
+
+
 def random_walk(theta, distance: float, seed: int):
     """θ moved by ``distance`` in a uniformly random direction."""
     leaves, treedef = jax.tree_util.tree_flatten(theta)
@@ -83,6 +94,9 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--steps", type=int, default=220)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--controls", type=int, default=4, help="random directions of the noise feed's length")
+    parser.add_argument("--outer-state", choices=("run", "fresh"), default="run",
+                        help="the outer state the run kept, or one with no history")
     parser.add_argument("--cache", default="checkpoints/jax_cache")
     args = parser.parse_args()
     paths = list_checkpoints(args.run_dir)
@@ -98,16 +112,21 @@ def main() -> None:
           f"lopt {config.lopt}; {args.steps} outer steps, step rail {config.population.max_step_ratio}, "
           f"outer step multiplier {config.population.outer_step_mult}")
 
-    thetas, rows = [champion.theta], ["start (the champion)"]
+    outer_state = champion.outer_state
+    if args.outer_state == "fresh":
+        outer_state = fresh_outer_state(make_lopt(config.lopt), champion.theta, outer_state)
+    theta_norm = float(tree_l2_norm(champion.theta))
+    thetas, rows = [champion.theta], [f"start (the champion), outer state: {args.outer_state}"]
     for kind in ("zero", "noise"):
-        theta, shortened = drift(config, outer_theta, champion.theta, champion.outer_state, champion.step_scale,
+        theta, shortened = drift(config, outer_theta, champion.theta, outer_state, champion.step_scale,
                                  kind, args.steps, args.seed)
         moved = float(tree_l2_norm(jax.tree_util.tree_map(jnp.subtract, theta, champion.theta)))
         thetas.append(theta)
-        rows.append(f"ĝ = {kind}: moved {moved:.3f} ({moved / float(tree_l2_norm(champion.theta)):.2%} of ‖θ‖), "
+        rows.append(f"ĝ = {kind}: moved {moved:.3f} ({moved / theta_norm:.2%} of ‖θ‖), "
                     f"rail shortened {shortened:.0%}")
-    thetas.append(random_walk(champion.theta, moved, args.seed))
-    rows.append(f"random direction, moved {moved:.3f}")
+    for control in range(args.controls):
+        thetas.append(random_walk(champion.theta, moved, args.seed + 1 + control))
+        rows.append(f"random direction {control + 1}, moved {moved:.3f}")
 
     farm = LocalFarm(cache_root=args.cache)
     farm.wait_ready()
@@ -120,8 +139,14 @@ def main() -> None:
         farm.close()
     print(f"\nheld-out: {len(specs)} tasks x {cfg.steps} steps; best fixed-rate Adam {result.best_fixed_adam:.3f}")
     print("| θ | held-out | change |\n|---|---|---|")
+    start = result.members[0]
     for row, score in zip(rows, result.members):
-        print(f"| {row} | {score:.3f} | {score - result.members[0]:+.3f} |")
+        print(f"| {row} | {score:.3f} | {score - start:+.3f} |")
+    controls = [score - start for score in result.members[3:]]
+    if controls:
+        print(f"\nrandom directions: change {sum(controls) / len(controls):+.3f} on average, "
+              f"{min(controls):+.3f} to {max(controls):+.3f}; the noise feed's excess over their mean "
+              f"{result.members[2] - start - sum(controls) / len(controls):+.3f}")
 
 
 if __name__ == "__main__":
