@@ -165,7 +165,10 @@ class LOptConfig:
     # running gradient RMS, so the MLP can size each weight's step by how
     # large that weight's gradients are, not only its tensor's; the default
     # since paired seeds learned faster with it on both axes (BENCHMARKS.md).
-    features: str = one_of(("per_tensor", "relative", "adaptive"), "adaptive")
+    # "scaled": "adaptive" plus log sizes of each tensor's weights and
+    # gradients, the only channels that tell the MLP how large a task's
+    # weights are, so it can learn a step size per task instead of one.
+    features: str = one_of(("per_tensor", "relative", "adaptive", "scaled"), "adaptive")
     # mlp only: the step is an odd function of the gradient channels (no
     # gradient, no step; no learned step that ignores the gradient).
     odd: bool = True

@@ -109,6 +109,7 @@ def test_same_update_trains_a_task_and_another_lopt():
 
 RELATIVE_ODD = LOptConfig(features="relative", odd=True)
 ADAPTIVE_ODD = LOptConfig(features="adaptive", odd=True)
+SCALED_ODD = LOptConfig(features="scaled", odd=True)
 
 
 def _step(config: LOptConfig, grads, params, state=None, key=6):
@@ -137,7 +138,7 @@ def test_relative_channels_exact_after_one_step():
     np.testing.assert_allclose(relative_channels(g, momentum, unbiased), expected, rtol=1e-4)
 
 
-@pytest.mark.parametrize("features", ["relative", "adaptive"])
+@pytest.mark.parametrize("features", ["relative", "adaptive", "scaled"])
 def test_odd_lopt_takes_no_step_without_gradient(features):
     params = {"w": jnp.linspace(-2.0, 2.0, 12).reshape(3, 4), "b": jnp.ones(4)}
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
@@ -149,7 +150,7 @@ def test_odd_lopt_takes_no_step_without_gradient(features):
     assert any(np.any(np.asarray(x) != 0.0) for x in jax.tree_util.tree_leaves(step))
 
 
-@pytest.mark.parametrize("config", [RELATIVE_ODD, ADAPTIVE_ODD])
+@pytest.mark.parametrize("config", [RELATIVE_ODD, ADAPTIVE_ODD, SCALED_ODD])
 def test_odd_lopt_step_flips_with_the_gradient(config):
     params = {"w": jnp.linspace(-2.0, 2.0, 12).reshape(3, 4)}
     grads = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), jnp.float32)}
@@ -254,6 +255,34 @@ def test_adaptive_channels_size_each_weight_by_its_own_gradient():
     assert 0.7 < large / small < 1.4 and 0.5 < small < 2.0
 
 
+def test_scaled_channels_tell_the_mlp_how_large_weights_and_gradients_are():
+    """Scaled features read log10 sizes of the tensor's weights and running
+    gradient RMS; with them a task whose weights (or gradients) are 100 times
+    larger gets a different step, where every adaptive channel is blind to it."""
+    from selfloop.lopt.mlp import SCALE_DIVISOR, scale_channels
+
+    params = {"w": jnp.linspace(-2.0, 2.0, 12).reshape(3, 4)}
+    grads = {"w": jnp.asarray(np.random.default_rng(1).normal(size=(3, 4)), jnp.float32)}
+    _, state = _step(SCALED_ODD, grads, params)
+    p_rms = float(np.sqrt(np.mean(np.square(np.asarray(params["w"])))))
+    g_rms = float(np.sqrt(np.mean(np.square(np.asarray(grads["w"])))))
+    np.testing.assert_allclose(scale_channels(params["w"], state.grad_scale["w"] / state.scale_weight),
+                               np.log10([p_rms, g_rms]) / SCALE_DIVISOR, rtol=1e-5)
+    assert np.all(np.isfinite(np.asarray(scale_channels(jnp.zeros(4), jnp.float32(0.0)))))
+    assert make_lopt(SCALED_ODD).init_theta(jax.random.PRNGKey(0))["layer0"]["w"].shape[0] == 25
+
+    def step_ratio(config, scale_params, scale_grads):
+        reference, _ = _step(config, grads, params)
+        scaled, _ = _step(config, jax.tree_util.tree_map(lambda g: g * scale_grads, grads),
+                          jax.tree_util.tree_map(lambda p: p * scale_params, params))
+        return np.asarray(scaled["w"]) / np.asarray(reference["w"])
+
+    # Steps are read back as differences of weights: 100-fold weights resolve them to ~3 %.
+    for sizes in ((100.0, 1.0), (1.0, 100.0)):
+        np.testing.assert_allclose(step_ratio(ADAPTIVE_ODD, *sizes), 1.0, rtol=0.05)
+        assert np.max(np.abs(step_ratio(SCALED_ODD, *sizes) - 1.0)) > 0.2
+
+
 def test_outer_step_multiplier_scales_the_step_before_the_rail_and_the_step_scale_after():
     from selfloop.lopt.base import tree_l2_norm
     from selfloop.master.population import OuterSettings, outer_step_fn
@@ -280,7 +309,7 @@ def test_outer_step_multiplier_scales_the_step_before_the_rail_and_the_step_scal
     assert np.isclose(float(out.step_ratio), 0.4 * 2 * rail, rtol=1e-4)
 
 
-@pytest.mark.parametrize("config", [RELATIVE_ODD, ADAPTIVE_ODD])
+@pytest.mark.parametrize("config", [RELATIVE_ODD, ADAPTIVE_ODD, SCALED_ODD])
 def test_odd_outer_optimizer_does_not_move_theta_without_signal(config):
     """The drift check on the self-training path itself: 200 outer steps fed ĝ = 0."""
     from selfloop.master.population import OuterSettings, outer_step_fn

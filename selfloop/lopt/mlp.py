@@ -8,11 +8,11 @@ library's ``MLPLOpt``. The same MLP is applied to every weight of every tensor:
   inputs (19): gradient g, weight p, momenta m_β for β in DECAYS; each of these
                8 channels normalized per tensor by rsqrt(1e-5 + mean(x²));
                plus 11 unnormalized time features tanh(t/τ - 1), τ in TIMESCALES
-               (23 with ``features="adaptive"``: see below)
+               (23 with ``features="adaptive"``, 25 with "scaled": see below)
   MLP:         inputs -> hidden -> hidden -> 2 (ReLU), fan-in scaled init
   update:      p <- p - step_mult * d * exp(exp_mult * m)
 
-Three settings change what the MLP can express, not the update formula:
+Four settings change what the MLP can express, not the update formula:
 
 - ``features="relative"``: g and the momenta share one scale per tensor, a
   running RMS of the tensor's gradients (``GRAD_SCALE_DECAY``), instead of each
@@ -31,6 +31,16 @@ Three settings change what the MLP can express, not the update formula:
   MLP lopt of Metz et al. 2022, "Practical tradeoffs between memory,
   compute, and performance in learned optimizers", arXiv:2203.11860, feeds
   factored second-moment features for the same purpose.)
+- ``features="scaled"``: the adaptive channels, plus two per tensor that
+  carry absolute size, log10 of the tensor's parameter RMS and of its
+  running gradient RMS (``scale_channels``). Every other channel is scale-free,
+  so the step the MLP takes, step_mult·d·exp(m) in parameter units, cannot
+  depend on how large a task's weights or gradients are: it is one learned
+  step size for every task, as Adam's is, where the best rate differs by
+  orders of magnitude between tasks. These channels let the MLP learn a
+  step size per tensor from what it sees (the hierarchical lopt's per-tensor
+  log ‖g‖ and log ‖p‖ serve the same purpose). They are even in the
+  gradient, so ``odd`` still holds.
 - ``odd=True``: d is an odd and m an even function of the gradient channels
   (the MLP is evaluated on ±(g, m_β) with p and time unchanged, and d, m are
   the odd and even parts of its outputs): flipping the sign of every gradient
@@ -58,6 +68,9 @@ TIMESCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5)
 NUM_INPUTS = 2 + len(DECAYS) + len(TIMESCALES)
 ADAPTIVE_DECAYS = (0.5, 0.9, 0.99)  # momenta that "adaptive" features also give per-weight normalized
 NUM_ADAPTIVE = 1 + len(ADAPTIVE_DECAYS)  # and g itself
+NUM_SCALE = 2  # "scaled": log10 of the tensor's parameter RMS and of its running gradient RMS
+SCALE_FLOOR = 1e-12  # the size a zero tensor (a bias at initialization) is read as
+SCALE_DIVISOR = 4.0  # log10 sizes from 1e-12 to 1e4 become inputs from -3 to 1
 GRAD_SCALE_DECAY = 0.999  # the running gradient RMS that "relative" features are measured against
 FEATURE_CLIP = 100.0  # relative features of a gradient that jumps far above its running scale
 
@@ -69,7 +82,7 @@ class MLPLOptConfig:
     hidden: int = 32
     step_mult: float = 1e-3
     exp_mult: float = 1e-3
-    features: str = "per_tensor"  # or "relative", "adaptive": see the module docstring
+    features: str = "per_tensor"  # or "relative", "adaptive", "scaled": see the module docstring
     odd: bool = False  # d odd, m even in the gradient channels
 
 
@@ -88,7 +101,7 @@ class RelativeMLPLOptState(NamedTuple):
 
 
 class AdaptiveMLPLOptState(NamedTuple):
-    """State of the MLP lopt with ``features="adaptive"``."""
+    """State of the MLP lopt with ``features="adaptive"`` or ``"scaled"``."""
 
     momenta: Params  # same tree as params; each leaf [*param_shape, len(DECAYS)]
     second_moment: Params  # same tree and shapes as params: EMA of the squared relative gradient
@@ -98,7 +111,8 @@ class AdaptiveMLPLOptState(NamedTuple):
 
 
 def num_inputs(config: MLPLOptConfig) -> int:
-    return NUM_INPUTS + (NUM_ADAPTIVE if config.features == "adaptive" else 0)
+    per_weight = NUM_ADAPTIVE if config.features in ("adaptive", "scaled") else 0
+    return NUM_INPUTS + per_weight + (NUM_SCALE if config.features == "scaled" else 0)
 
 
 def _dense_init(key: jax.Array, fan_in: int, fan_out: int) -> dict[str, jax.Array]:
@@ -170,11 +184,20 @@ def adaptive_channels(relative: jax.Array, unbiased_second: jax.Array) -> jax.Ar
     return jnp.clip(jnp.where(rms > 0, per_weight, 0.0), -FEATURE_CLIP, FEATURE_CLIP)
 
 
-def _step_from_features(config, theta, gradient_channels, p, time_feats):
-    """The MLP's step from the gradient channels (last axis), p's channel and time."""
-    times = jnp.broadcast_to(time_feats, p.shape + time_feats.shape)
+def scale_channels(p: jax.Array, unbiased_grad_scale: jax.Array) -> jax.Array:
+    """log10 of the tensor's parameter RMS and running gradient RMS, over
+    SCALE_DIVISOR: shape [NUM_SCALE]."""
+    sizes = jnp.stack([tensor_rms(p), unbiased_grad_scale])
+    return jnp.log10(jnp.maximum(sizes, SCALE_FLOOR)) / SCALE_DIVISOR
+
+
+def _step_from_features(config, theta, gradient_channels, p, time_feats, tensor_feats=None):
+    """The MLP's step from the gradient channels (last axis), p's channel, time
+    and per-tensor features even in the gradient (``tensor_feats``, optional)."""
+    per_tensor = time_feats if tensor_feats is None else jnp.concatenate([time_feats, tensor_feats])
+    per_tensor = jnp.broadcast_to(per_tensor, p.shape + per_tensor.shape)
     weight = normalize_per_tensor(p[..., None])
-    others = jnp.concatenate([weight, times], axis=-1)
+    others = jnp.concatenate([weight, per_tensor], axis=-1)
     if config.odd:
         signed = jnp.stack([gradient_channels, -gradient_channels])
         out = _apply_mlp(theta, jnp.concatenate([signed, jnp.broadcast_to(others, (2, *others.shape))], axis=-1))
@@ -182,7 +205,7 @@ def _step_from_features(config, theta, gradient_channels, p, time_feats):
         magnitude = 0.5 * (out[0, ..., 1] + out[1, ..., 1])
     else:
         # Channel order of the original lopt: g, p, momenta, time.
-        inputs = [gradient_channels[..., :1], weight, gradient_channels[..., 1:], times]
+        inputs = [gradient_channels[..., :1], weight, gradient_channels[..., 1:], per_tensor]
         out = _apply_mlp(theta, jnp.concatenate(inputs, axis=-1))
         direction, magnitude = out[..., 0], out[..., 1]
     return config.step_mult * direction * jnp.exp(config.exp_mult * magnitude)
@@ -225,7 +248,9 @@ def _update_tensor_adaptive(config, theta, p, g, momentum, second, grad_scale, s
     second = GRAD_SCALE_DECAY * second + (1.0 - GRAD_SCALE_DECAY) * jnp.square(relative[..., 0])
     per_weight = adaptive_channels(relative, _debiased(second, scale_weight))
     gradient_channels = jnp.concatenate([relative, per_weight], axis=-1)
-    return p - _step_from_features(config, theta, gradient_channels, p, time_feats), momentum, second, grad_scale
+    sizes = scale_channels(p, _debiased(grad_scale, scale_weight)) if config.features == "scaled" else None
+    step = _step_from_features(config, theta, gradient_channels, p, time_feats, sizes)
+    return p - step, momentum, second, grad_scale
 
 
 def _map_tensors(fn, params: Params, *per_weight: Params) -> tuple[Params, ...]:
@@ -248,7 +273,7 @@ def update(
     """One learned-optimizer step on every tensor of ``params``."""
     if config.features == "relative":
         return update_relative(config, theta, params, grads, state)
-    if config.features == "adaptive":
+    if config.features in ("adaptive", "scaled"):
         return update_adaptive(config, theta, params, grads, state)
     time_feats = time_features(state.step)
     new_params, momenta = _map_tensors(
@@ -292,7 +317,7 @@ def update_adaptive(
     grads: Params,
     state: AdaptiveMLPLOptState,
 ) -> tuple[Params, AdaptiveMLPLOptState]:
-    """``update`` with adaptive features (the state also carries per-weight second moments)."""
+    """``update`` with adaptive or scaled features (the state also carries per-weight second moments)."""
     (new_params, momenta, second, grad_scale), scale_weight = _update_with_running_scale(
         functools.partial(_update_tensor_adaptive, config, theta), params, grads, state,
         state.momenta, state.second_moment, state.grad_scale,
@@ -301,7 +326,8 @@ def update_adaptive(
 
 
 # The feature kinds (``MLPLOptConfig.features``) and the state each keeps.
-INIT_STATE = {"per_tensor": init_state, "relative": init_relative_state, "adaptive": init_adaptive_state}
+INIT_STATE = {"per_tensor": init_state, "relative": init_relative_state, "adaptive": init_adaptive_state,
+              "scaled": init_adaptive_state}
 
 
 def make_mlp_lopt(config: MLPLOptConfig = MLPLOptConfig()) -> LearnedOptimizer:
