@@ -117,7 +117,8 @@ def main() -> None:
         outer_state = fresh_outer_state(make_lopt(config.lopt), champion.theta, outer_state)
     theta_norm = float(tree_l2_norm(champion.theta))
     thetas, rows = [champion.theta], [f"start (the champion), outer state: {args.outer_state}"]
-    for kind in ("zero", "noise"):
+    feeds = ("zero", "noise")  # rows 1 and 2; the random directions follow
+    for kind in feeds:
         theta, shortened = drift(config, outer_theta, champion.theta, outer_state, champion.step_scale,
                                  kind, args.steps, args.seed)
         moved = float(tree_l2_norm(jax.tree_util.tree_map(jnp.subtract, theta, champion.theta)))
@@ -142,11 +143,12 @@ def main() -> None:
     start = result.members[0]
     for row, score in zip(rows, result.members):
         print(f"| {row} | {score:.3f} | {score - start:+.3f} |")
-    controls = [score - start for score in result.members[3:]]
+    noise_change = result.members[feeds.index("noise") + 1] - start
+    controls = [score - start for score in result.members[1 + len(feeds):]]
     if controls:
-        print(f"\nrandom directions: change {sum(controls) / len(controls):+.3f} on average, "
-              f"{min(controls):+.3f} to {max(controls):+.3f}; the noise feed's excess over their mean "
-              f"{result.members[2] - start - sum(controls) / len(controls):+.3f}")
+        mean = sum(controls) / len(controls)
+        print(f"\nrandom directions: change {mean:+.3f} on average, {min(controls):+.3f} to {max(controls):+.3f}; "
+              f"the noise feed's excess over their mean {noise_change - mean:+.3f}")
 
 
 if __name__ == "__main__":

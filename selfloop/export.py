@@ -14,7 +14,7 @@ from selfloop.config import Config, ConfigError, config_to_dict
 from selfloop.state import RunState
 from selfloop.store.checkpoint import load_latest, read_checkpoint
 from selfloop.store.optimizer import write_optimizer
-from selfloop.store.rundir import CHECKPOINT_NAME, RunDir
+from selfloop.store.rundir import RunDir
 
 
 def choose_member(state: RunState, which: str) -> int:
@@ -62,7 +62,7 @@ def export_from_run(run_dir: Path, config: Config, which: str, out: Path,
     else:
         path = RunDir(run_dir).checkpoint(round_index)
         if not path.exists():
-            kept = sorted(int(CHECKPOINT_NAME.match(p.name).group(1)) for p in RunDir(run_dir).checkpoints())
+            kept = sorted(RunDir(run_dir).checkpoint_rounds())
             raise ConfigError(f"--round {round_index}: {path} does not exist; the rounds {run_dir} keeps "
                               f"checkpoints of: {kept or 'none'}")
         state = read_checkpoint(path, config)

@@ -68,6 +68,7 @@ TIMESCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5)
 NUM_INPUTS = 2 + len(DECAYS) + len(TIMESCALES)
 ADAPTIVE_DECAYS = (0.5, 0.9, 0.99)  # momenta that "adaptive" features also give per-weight normalized
 NUM_ADAPTIVE = 1 + len(ADAPTIVE_DECAYS)  # and g itself
+PER_WEIGHT_FEATURES = ("adaptive", "scaled")  # the feature kinds with the per-weight channels and state
 NUM_SCALE = 2  # "scaled": log10 of the tensor's parameter RMS and of its running gradient RMS
 SCALE_FLOOR = 1e-12  # the size a zero tensor (a bias at initialization) is read as
 SCALE_DIVISOR = 4.0  # log10 sizes from 1e-12 to 1e4 become inputs from -3 to 1
@@ -111,7 +112,7 @@ class AdaptiveMLPLOptState(NamedTuple):
 
 
 def num_inputs(config: MLPLOptConfig) -> int:
-    per_weight = NUM_ADAPTIVE if config.features in ("adaptive", "scaled") else 0
+    per_weight = NUM_ADAPTIVE if config.features in PER_WEIGHT_FEATURES else 0
     return NUM_INPUTS + per_weight + (NUM_SCALE if config.features == "scaled" else 0)
 
 
@@ -273,7 +274,7 @@ def update(
     """One learned-optimizer step on every tensor of ``params``."""
     if config.features == "relative":
         return update_relative(config, theta, params, grads, state)
-    if config.features in ("adaptive", "scaled"):
+    if config.features in PER_WEIGHT_FEATURES:
         return update_adaptive(config, theta, params, grads, state)
     time_feats = time_features(state.step)
     new_params, momenta = _map_tensors(
@@ -326,8 +327,8 @@ def update_adaptive(
 
 
 # The feature kinds (``MLPLOptConfig.features``) and the state each keeps.
-INIT_STATE = {"per_tensor": init_state, "relative": init_relative_state, "adaptive": init_adaptive_state,
-              "scaled": init_adaptive_state}
+INIT_STATE = {"per_tensor": init_state, "relative": init_relative_state,
+              **{kind: init_adaptive_state for kind in PER_WEIGHT_FEATURES}}
 
 
 def make_mlp_lopt(config: MLPLOptConfig = MLPLOptConfig()) -> LearnedOptimizer:

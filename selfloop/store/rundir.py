@@ -64,6 +64,10 @@ class RunDir:
         found = [p for p in self.path.iterdir() if CHECKPOINT_NAME.match(p.name)]
         return sorted(found, key=lambda p: p.name, reverse=True)
 
+    def checkpoint_rounds(self) -> list[int]:
+        """The rounds of the checkpoint files, newest first."""
+        return [int(CHECKPOINT_NAME.match(p.name).group(1)) for p in self.checkpoints()]
+
     def adam_reference(self, key: str) -> Path:
         return self.path / f"adam_reference_{key}.npz"
 
