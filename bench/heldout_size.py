@@ -23,6 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from ranking import spearman
 
 from selfloop.config import load_config
 from selfloop.farm.engines import LocalFarm
@@ -56,11 +57,6 @@ def collect(run_dirs: list[Path], config) -> tuple[list[str], list]:
             names.append(f"{run_dir.name}/champion")
             thetas.append(state.champion.theta)
     return names, thetas
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Rank correlation (no ties among these scores)."""
-    return float(np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1])
 
 
 def with_tournament_length(config, steps: int):

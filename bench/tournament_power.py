@@ -35,6 +35,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from ranking import spearman
 
 from selfloop.events import Eval, of_type, read_events
 from selfloop.farm.engines import LocalFarm
@@ -103,11 +104,6 @@ def retire_rate(per_task: np.ndarray, window: int, tasks: int, draws: int, rng: 
             entries.append(per_task[drawn, -1].mean() - per_task[np.ix_(drawn, pair)].mean())
         retired += np.mean(entries) > 0
     return retired / draws
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    ranks = [np.argsort(np.argsort(v)) for v in (x, y)]
-    return float(np.corrcoef(*ranks)[0, 1])
 
 
 def pair_order_rates(config, per_task: np.ndarray, families: np.ndarray, sizes: list[int], draws: int,
