@@ -122,18 +122,19 @@ class PopulationConfig:
     truncations: tuple[int, ...] = positive_list((20, 30, 40, 80))
     tasks_per_member: int = positive(2)  # persistent inner problems per member, one work unit each
     # Safety rail, not an update rule: an outer step longer than this fraction
-    # of ‖θ‖ is shortened to it; 0 disables it. A learned outer optimizer fed a
-    # mostly-noise meta-gradient proposes steps that cost a good member its
-    # held-out loss; without a bound nothing is learned.
-    max_step_ratio: float = non_negative(0.003)
+    # of ‖θ‖ is shortened to it; 0 disables it. It is there for the outer
+    # optimizer that proposes a step far too long (a lopt fed a meta-gradient
+    # that is mostly noise can); the step's length is the lopt's to set.
+    max_step_ratio: float = non_negative(0.02)
     # An outer optimizer's step is its lopt's step times this. The lopt's
     # step is sized by ``lopt.step_mult`` for inner problems, whose good
     # steps are an order of magnitude longer, relative to their weights, than
-    # what a meta-gradient carrying little signal calls for; with this at 1
-    # the rail above sets nearly every outer step's length. 1 by default:
-    # at 0.1 (1 % rail) selection grew the proposals back toward the rail
-    # and the run learned more slowly (BENCHMARKS.md).
-    outer_step_mult: float = positive(1.0)
+    # what a meta-gradient carrying little signal calls for: at 1 a rail
+    # tight enough to keep the gains sets nearly every outer step's length,
+    # and a trained lopt coasts on its momentum when the signal stops. At 0.2
+    # the proposals start near the step lengths that worked under that rail,
+    # so the rail can sit well above them as a safety net.
+    outer_step_mult: float = positive(0.2)
     # An outer optimizer reads its step count through time features that it
     # only ever learned on inner problems of at most tasks.horizon_max steps.
     # Clamping the outer step count there keeps those features in distribution
