@@ -120,11 +120,12 @@ def adam_summary(reference: AdamReference) -> tuple[np.ndarray, float]:
     return per_task.mean(axis=0), float(per_task.min(axis=1).mean())
 
 
-def evaluate_members(
+def heldout_task_scores(
     map_fn, lopt: LOptConfig, thetas: list, specs: tuple[TaskSpec, ...], steps: int, chunk: int,
     reference: AdamReference,
-) -> HeldoutResult:
-    """Every member on every held-out task (one unit per task), normalized against Adam."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every optimizer on every held-out task (one unit per task), normalized
+    against Adam: ([task, optimizer] mean over steps, [task, optimizer] at the last step)."""
     stacked = stack_thetas(thetas)
     units = [CurveUnit(spec, lopt, stacked, steps, chunk) for spec in specs]
     means, finals = [], []
@@ -132,5 +133,14 @@ def evaluate_members(
         normalized = normalized_curves(curves, reference, t)
         means.append(normalized.mean(axis=0))
         finals.append(normalized[-1])
+    return np.stack(means), np.stack(finals)
+
+
+def evaluate_members(
+    map_fn, lopt: LOptConfig, thetas: list, specs: tuple[TaskSpec, ...], steps: int, chunk: int,
+    reference: AdamReference,
+) -> HeldoutResult:
+    """Every member's mean normalized loss over the held-out tasks, beside Adam's."""
+    means, finals = heldout_task_scores(map_fn, lopt, thetas, specs, steps, chunk, reference)
     fixed, tuned = reference.summary
-    return HeldoutResult(np.mean(means, axis=0), np.mean(finals, axis=0), fixed, tuned)
+    return HeldoutResult(means.mean(axis=0), finals.mean(axis=0), fixed, tuned)
