@@ -4,8 +4,8 @@ Takes optimizers that differ: every member of up to ``--checkpoints`` kept
 checkpoints of each run given, spread over its rounds (duplicates, the copies
 PBT makes, counted once). Trains each on ``--tasks`` fresh training-distribution
 tasks for ``pbt.steps`` steps, and on the run's held-out set (and its unseen
-families, if the run left some out) as the run's evaluation does. Then prints,
-the held-out set's agreement with itself (two random halves of its tasks), and,
+families, if the run left some out) as the run's evaluation does. Then prints
+the held-out set's agreement with itself (two random halves of its tasks) and,
 for several per-task scores computed from the same training curves:
 
 - the Spearman rank correlation of their mean over all the training tasks
@@ -17,7 +17,7 @@ for several per-task scores computed from the same training curves:
 Scores (lower is better; per task, then averaged over tasks):
 
 - ``ratio``: mean over the steps of ℓ/ℓ_init, clipped (the tournament's score);
-- ``log ratio``: mean over the steps of log(ℓ/ℓ_init), clipped the same way;
+- ``log ratio``: mean over the steps of log(ℓ/ℓ_init), of the clipped ratio;
 - ``final ratio``: ℓ/ℓ_init after the last step;
 - ``first 40``: ``ratio`` over the first 40 steps, as one truncation of the
   meta-objective sees an episode's start;
