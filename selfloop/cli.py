@@ -166,7 +166,7 @@ def eval_main(argv: list[str]) -> int:
     from selfloop.farm.worker import configure_jax
 
     configure_jax(config.farm.compile_cache or None)
-    from selfloop.evaluation.report import evaluate_lopts, format_table, write_outputs
+    from selfloop.evaluation.report import evaluate_lopts, format_family_table, format_table, write_outputs
     from selfloop.farm.engines import Interrupted, make_farm
     from selfloop.tasks.sampler import heldout_tasks
 
@@ -186,7 +186,8 @@ def eval_main(argv: list[str]) -> int:
     farm.should_stop = lambda: stop.requested
     try:
         with _farm_progress(farm, "evaluating"):
-            curves, table = evaluate_lopts(thetas, lopt_config, specs, cfg.steps, cfg.chunk, farm.map, run_dir)
+            curves, table, families_table = evaluate_lopts(thetas, lopt_config, specs, cfg.steps, cfg.chunk,
+                                                           farm.map, run_dir)  # fmt: skip
     except Interrupted:
         print(f"{stop.reason}: evaluation stopped; nothing written", file=sys.stderr)
         return 130
@@ -195,8 +196,10 @@ def eval_main(argv: list[str]) -> int:
     title = f"{config.run.name}, {label}: {cfg.tasks} held-out tasks x {cfg.steps} steps"
     about = {"source": source, "label": label, "tasks": [s.describe() for s in specs], "steps": cfg.steps,
              "title": title}
-    files = write_outputs(out, curves, table, about)
+    files = write_outputs(out, curves, table, families_table, about)
     print(format_table(table))
+    if len(families_table) > 1:
+        print(format_family_table(families_table, list(thetas)))
     print("wrote " + ", ".join(str(f) for f in files))
     return 0
 

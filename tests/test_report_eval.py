@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from selfloop.evaluation.report import Curves, first_step_at_or_below, metrics, speedup
+from selfloop.evaluation.report import Curves, by_family, first_step_at_or_below, format_family_table, metrics, speedup
 from tests.conftest import REPO
 
 
@@ -35,6 +35,22 @@ def test_metrics_on_hand_made_curves():
     assert table["adam tuned"]["final"] == pytest.approx(0.25)
 
 
+def test_by_family_separates_what_the_overall_mean_hides():
+    adam_a = np.array([[1.0, 0.5, 0.3], [1.0, 0.9, 0.8], [1.0, 0.5, 0.3]])  # [tasks, steps]
+    adam_b = np.array([[1.0, 0.8, 0.6], [1.0, 0.4, 0.2], [1.0, 0.8, 0.6]])  # worse overall, better on "rnn"
+    member = np.array([[1.0, 0.2, 0.1], [1.0, 1.0, 1.0], [1.0, 0.2, 0.1]])  # wins on "mlp", loses on "rnn"
+    tuned = np.stack([adam_a[0], adam_b[1], adam_a[2]])
+    curves = Curves({"m0": member, "adam lr=a": adam_a, "adam lr=b": adam_b, "adam tuned": tuned})
+    table = by_family(curves, ["mlp", "rnn", "mlp"], ["adam lr=a", "adam lr=b"])
+    assert list(table) == ["mlp", "rnn"]
+    assert table["mlp"]["m0"] == pytest.approx(member[[0, 2]].mean())
+    assert table["rnn"]["m0"] == pytest.approx(1.0)
+    assert table["rnn"]["adam best fixed"] == pytest.approx(adam_a[1].mean())  # the rate best over all tasks
+    assert table["rnn"]["adam tuned"] == pytest.approx(adam_b[1].mean())
+    text = format_family_table(table, ["m0"])
+    assert text.splitlines()[2].split() == ["rnn", "1.000", f"{adam_a[1].mean():.3f}", f"{adam_b[1].mean():.3f}"]
+
+
 def test_eval_command_writes_figure_tables_and_caches_adam(tmp_path):
     run_dir = tmp_path / "run"
     common = ["--config", "configs/smoke.toml", "--checkpoint-dir", str(run_dir)]
@@ -50,5 +66,6 @@ def test_eval_command_writes_figure_tables_and_caches_adam(tmp_path):
     names = set(results["metrics"])
     assert {"m0", "m1", "m2", "m3", "adam tuned"} <= names and len([n for n in names if "lr=" in n]) == 15
     assert all(len(curve) == 31 for curve in results["mean_curves"].values())
+    assert set(results["by_family"]) == {task.split("[")[0] for task in results["tasks"]}
     assert (out / "figure2.png").read_bytes()[:4] == b"\x89PNG" and (out / "metrics.csv").exists()
     assert len(list(run_dir.glob("adam_reference_*.npz"))) == 2  # training's held-out set and this one, cached

@@ -14,6 +14,10 @@ tasks. For each member and baseline:
   envelope (per step, the best fixed rate's task-averaged curve): the level
   is the worse of the two final values, and speedup = steps the envelope needs
   / steps it needs (> 1: faster than every fixed-rate Adam).
+
+Beside them, each family's mean for every optimizer (``by_family``): a mean
+over a mix of families can hide the one family where a learned optimizer
+loses, and that family is where it fails to generalize.
 """
 
 from __future__ import annotations
@@ -79,6 +83,20 @@ def metrics(curves: Curves, adam_names: list[str]) -> dict[str, dict[str, float]
     return table
 
 
+def by_family(curves: Curves, families: list[str], adam_names: list[str]) -> dict[str, dict[str, float]]:
+    """family -> optimizer -> its mean normalized loss over that family's tasks
+    (``families[i]`` is task i's family), plus "adam best fixed": on each family,
+    the fixed rate that is best over all tasks, the rate a user would pick."""
+    family_of = np.asarray(families)
+    best_fixed = min(adam_names, key=lambda name: curves.mean_curve(name).mean())
+    table = {}
+    for family in dict.fromkeys(families):
+        rows = family_of == family
+        table[family] = {name: float(per_task[rows].mean()) for name, per_task in curves.per_task.items()}
+        table[family]["adam best fixed"] = table[family][best_fixed]
+    return table
+
+
 def evaluate_lopts(thetas: dict[str, object], lopt_config, specs: tuple[TaskSpec, ...], steps: int, chunk: int,
                    map_fn, cache_dir: Path) -> tuple[Curves, dict]:  # fmt: skip
     """Curves and metrics for each named θ (members of a checkpoint, or exported optimizers) on ``specs``."""
@@ -90,18 +108,18 @@ def evaluate_lopts(thetas: dict[str, object], lopt_config, specs: tuple[TaskSpec
     member_curves = all_succeeded(list(map_fn(run_curve_unit, units)), "evaluation")
     curves = collect_curves(member_curves, reference, ADAM_LEARNING_RATES, list(thetas))
     adam_names = [f"adam lr={rate:.2g}" for rate in ADAM_LEARNING_RATES]
-    return curves, metrics(curves, adam_names)
+    return curves, metrics(curves, adam_names), by_family(curves, [spec.family for spec in specs], adam_names)
 
 
-def write_outputs(out_dir: Path, curves: Curves, table: dict, about: dict) -> list[Path]:
+def write_outputs(out_dir: Path, curves: Curves, table: dict, families: dict, about: dict) -> list[Path]:
     """results.json (everything), metrics.csv, curves.csv (mean normalized curves) and, where
     matplotlib is installed, figure2.png; the files written."""
     from selfloop.observe.figures import PlotExtraMissing, figure2
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    mean_curves = {name: curves.mean_curve(name).tolist() for name in curves.per_task}
     (out_dir / "results.json").write_text(json.dumps(
-        {**about, "metrics": table, "mean_curves": {n: curves.mean_curve(n).tolist() for n in curves.per_task}},
-        indent=1))  # fmt: skip
+        {**about, "metrics": table, "by_family": families, "mean_curves": mean_curves}, indent=1))  # fmt: skip
     with open(out_dir / "metrics.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["optimizer", "mean_normalized_loss", "final_normalized_loss", "fraction_beats_tuned_adam",
@@ -131,4 +149,14 @@ def format_table(table: dict) -> str:
             continue  # rates that do not train at all: in the files, not on screen
         lines.append(f"{name:16s} {row['mean']:7.3f} {row['final']:7.3f} {row['beats_tuned']:12.2f} "
                      f"{row['speedup']:8.2f}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def format_family_table(families: dict, lopt_names: list[str]) -> str:
+    """Per family: each learned optimizer's mean beside Adam's best fixed rate and per-task tuned."""
+    columns = [*lopt_names, "adam best fixed", "adam tuned"]
+    width = max(12, *(len(name) for name in columns))
+    lines = [f"{'family':16s} " + " ".join(f"{name:>{width}s}" for name in columns)]
+    for family, row in families.items():
+        lines.append(f"{family:16s} " + " ".join(f"{row[name]:{width}.3f}" for name in columns))
     return "\n".join(lines)
