@@ -130,3 +130,16 @@ def test_noisy_quadratic_enters_training_episodes_only_at_its_share():
         context = UnitContext(seed=0, lopt=LOptConfig(), estimator=EstimatorConfig(), tasks=tasks)
         drawn = [slot_task(context, member, 0, generation).family for member in range(10) for generation in range(60)]
         assert abs(drawn.count("noisy_quadratic") / len(drawn) - share) < 0.05
+
+
+def test_delayed_recall_scores_only_positions_with_a_target():
+    """With a zero readout every prediction is uniform: the loss is log(vocab) for any
+    delay only if the unscored first ``delay`` positions are left out of the mean."""
+    family = TASK_FAMILIES["delayed_recall"]
+    bucket = family.buckets[0]
+    for delay in (1.0, 4.0):
+        dyn = {"param_scale": jax.numpy.float32(1.0), "delay": jax.numpy.float32(delay)}
+        params = family.init_params(bucket, dyn, {}, jax.random.PRNGKey(0))
+        params = {**params, "w_out": 0 * params["w_out"], "b_out": 0 * params["b_out"]}
+        loss = family.loss(bucket, dyn, {}, {}, params, jax.random.PRNGKey(1))
+        np.testing.assert_allclose(float(loss), np.log(family.vocab), rtol=1e-5)

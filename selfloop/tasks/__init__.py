@@ -5,6 +5,7 @@ from __future__ import annotations
 from selfloop.tasks.base import TaskFamily, TaskSpec
 from selfloop.tasks.networks import (
     CharRNN,
+    DelayedRecall,
     DigitsAutoencoder,
     DigitsMLP,
     TeacherStudent,
@@ -31,6 +32,7 @@ TASK_FAMILIES: dict[str, TaskFamily] = {
         DigitsMLP(),
         DigitsAutoencoder(),
         CharRNN(),
+        DelayedRecall(),
         NoisyQuadratic(),
     )
 }

@@ -1,5 +1,6 @@
 """Neural-network problems: teacher-student regression, 2-D toy classification,
-8x8 digit classification, a digit autoencoder and a character-level RNN LM.
+8x8 digit classification, a digit autoencoder, a character-level RNN LM and
+an RNN that recalls delayed tokens.
 
 Activations and a weight reparameterization scale are drawn per task and passed
 traced, so they vary inside a bucket without recompiling.
@@ -193,6 +194,34 @@ class RNNBucket:
     batch: int
 
 
+def _init_rnn(key: jax.Array, vocab: int, bucket: RNNBucket, scale: jax.Array) -> dict[str, jax.Array]:
+    """A token embedding, a tanh RNN cell and a readout to ``vocab`` logits,
+    fan-in scaled and stored reparameterized (effective weight = p * scale)."""
+    e, h = bucket.embed, bucket.hidden
+    k = jax.random.split(key, 4)
+    return {
+        "embed": jax.random.normal(k[0], (vocab, e)) / scale,
+        "w_in": jax.random.normal(k[1], (e, h)) / jnp.sqrt(e) / scale,
+        "w_rec": jax.random.normal(k[2], (h, h)) / jnp.sqrt(h) / scale,
+        "b": jnp.zeros((h,)),
+        "w_out": jax.random.normal(k[3], (h, vocab)) / jnp.sqrt(h) / scale,
+        "b_out": jnp.zeros((vocab,)),
+    }
+
+
+def _rnn_logits(params: dict[str, jax.Array], inputs: jax.Array, bucket: RNNBucket, scale: jax.Array) -> jax.Array:
+    """Logits [sequence, batch, vocab] of ``_init_rnn``'s network on tokens [batch, sequence]."""
+    embedded = (params["embed"] * scale)[inputs]  # [batch, seq, embed]
+
+    def cell(hidden, x_t):
+        hidden = jnp.tanh(x_t @ (params["w_in"] * scale) + hidden @ (params["w_rec"] * scale) + params["b"])
+        return hidden, hidden
+
+    initial = jnp.zeros((inputs.shape[0], bucket.hidden))
+    _, hiddens = jax.lax.scan(cell, initial, jnp.swapaxes(embedded, 0, 1))
+    return hiddens @ (params["w_out"] * scale) + params["b_out"]
+
+
 class CharRNN:
     """Next-character prediction on Python sources with a vanilla tanh RNN."""
 
@@ -209,17 +238,7 @@ class CharRNN:
         return {}
 
     def init_params(self, bucket, dyn, consts, key):
-        vocab, e, h = datasets.TEXT_VOCAB, bucket.embed, bucket.hidden
-        k = jax.random.split(key, 4)
-        scale = dyn["param_scale"]
-        return {
-            "embed": jax.random.normal(k[0], (vocab, e)) / scale,
-            "w_in": jax.random.normal(k[1], (e, h)) / jnp.sqrt(e) / scale,
-            "w_rec": jax.random.normal(k[2], (h, h)) / jnp.sqrt(h) / scale,
-            "b": jnp.zeros((h,)),
-            "w_out": jax.random.normal(k[3], (h, vocab)) / jnp.sqrt(h) / scale,
-            "b_out": jnp.zeros((vocab,)),
-        }
+        return _init_rnn(key, datasets.TEXT_VOCAB, bucket, dyn["param_scale"])
 
     def loss(self, bucket, dyn, data, consts, params, key):
         tokens = data["tokens"]
@@ -227,14 +246,42 @@ class CharRNN:
         offsets = jnp.arange(bucket.sequence + 1)
         window = tokens[starts[:, None] + offsets[None, :]]
         inputs, targets = window[:, :-1], window[:, 1:]
-        s = dyn["param_scale"]
-        embedded = (params["embed"] * s)[inputs]  # [batch, seq, embed]
-
-        def cell(hidden, x_t):
-            hidden = jnp.tanh(x_t @ (params["w_in"] * s) + hidden @ (params["w_rec"] * s) + params["b"])
-            return hidden, hidden
-
-        initial = jnp.zeros((bucket.batch, bucket.hidden))
-        _, hiddens = jax.lax.scan(cell, initial, jnp.swapaxes(embedded, 0, 1))
-        logits = hiddens @ (params["w_out"] * s) + params["b_out"]
+        logits = _rnn_logits(params, inputs, bucket, dyn["param_scale"])
         return softmax_cross_entropy(logits, jnp.swapaxes(targets, 0, 1))
+
+
+class DelayedRecall:
+    """Recall the token seen ``delay`` steps earlier in a random sequence, with a
+    vanilla tanh RNN: synthetic data, a memory the recurrence must learn to keep.
+
+    A recurrent family that is not a language model, so that a run holding out
+    char_rnn can still train on recurrent gradients (opt-in: not in the default
+    families, whose held-out set it would change).
+    """
+
+    name = "delayed_recall"
+    buckets = (RNNBucket(embed=8, hidden=24, sequence=16, batch=16),)
+    vocab, max_delay = 8, 4
+
+    def sample_dynamic(self, rng, bucket):
+        return {"param_scale": log_uniform(rng, *PARAM_SCALE_RANGE),
+                "delay": float(rng.integers(1, self.max_delay + 1))}  # fmt: skip
+
+    def dataset(self, bucket):
+        return {}
+
+    def make_consts(self, bucket, dyn, data, key):
+        return {}
+
+    def init_params(self, bucket, dyn, consts, key):
+        return _init_rnn(key, self.vocab, bucket, dyn["param_scale"])
+
+    def loss(self, bucket, dyn, data, consts, params, key):
+        inputs = jax.random.randint(key, (bucket.batch, bucket.sequence), 0, self.vocab)
+        delay = dyn["delay"].astype(jnp.int32)
+        targets = jnp.roll(inputs, delay, axis=1)  # targets[:, t] = inputs[:, t - delay]
+        logits = _rnn_logits(params, inputs, bucket, dyn["param_scale"])  # [seq, batch, vocab]
+        log_probs = jax.nn.log_softmax(logits)
+        picked = jnp.take_along_axis(log_probs, jnp.swapaxes(targets, 0, 1)[..., None], axis=-1)[..., 0]
+        scored = (jnp.arange(bucket.sequence) >= delay)[:, None]  # no target before the first delayed token
+        return -jnp.sum(picked * scored) / (jnp.sum(scored) * bucket.batch)
