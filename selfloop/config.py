@@ -37,7 +37,7 @@ USER_FAMILIES = (
 )
 # Families a config may add to training; not in the defaults, so the default
 # held-out set stays what BENCHMARKS.md measured.
-EXTRA_FAMILIES = ("delayed_recall",)
+EXTRA_FAMILIES = ("delayed_recall", "lowrank_ae")
 # The outer problem's regime, mixed into training episodes by
 # ``tasks.noisy_quadratic_share``; held-out sets and tournaments leave it out.
 NOISY_QUADRATIC = "noisy_quadratic"

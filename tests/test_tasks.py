@@ -143,3 +143,11 @@ def test_delayed_recall_scores_only_positions_with_a_target():
         params = {**params, "w_out": 0 * params["w_out"], "b_out": 0 * params["b_out"]}
         loss = family.loss(bucket, dyn, {}, {}, params, jax.random.PRNGKey(1))
         np.testing.assert_allclose(float(loss), np.log(family.vocab), rtol=1e-5)
+
+
+def test_lowrank_autoencoder_data_spans_rank_directions():
+    family = TASK_FAMILIES["lowrank_ae"]
+    for rank in (2.0, 5.0):
+        dyn = {"rank": jax.numpy.float32(rank)}
+        basis = np.asarray(family.make_consts(family.buckets[0], dyn, {}, jax.random.PRNGKey(0))["basis"])
+        assert np.linalg.matrix_rank(basis) == rank and not basis[int(rank):].any()

@@ -8,6 +8,7 @@ from selfloop.tasks.networks import (
     DelayedRecall,
     DigitsAutoencoder,
     DigitsMLP,
+    LowRankAutoencoder,
     TeacherStudent,
     Toy2DClassification,
 )
@@ -33,6 +34,7 @@ TASK_FAMILIES: dict[str, TaskFamily] = {
         DigitsAutoencoder(),
         CharRNN(),
         DelayedRecall(),
+        LowRankAutoencoder(),
         NoisyQuadratic(),
     )
 }

@@ -1,6 +1,6 @@
-"""Neural-network problems: teacher-student regression, 2-D toy classification,
-8x8 digit classification, a digit autoencoder, a character-level RNN LM and
-an RNN that recalls delayed tokens.
+"""Neural-network problems: teacher-student regression, a low-rank autoencoder,
+2-D toy classification, 8x8 digit classification, a digit autoencoder, a
+character-level RNN LM and an RNN that recalls delayed tokens.
 
 Activations and a weight reparameterization scale are drawn per task and passed
 traced, so they vary inside a bucket without recompiling.
@@ -70,6 +70,42 @@ class TeacherStudent:
         target = apply_mlp(consts["teacher"], x, tanh_index, jnp.float32(1.0))
         prediction = apply_mlp(params, x, dyn["activation"], dyn["param_scale"])
         return jnp.mean((prediction - target) ** 2)
+
+
+class LowRankAutoencoder:
+    """Reconstruct Gaussian data near a random low-dimensional subspace through
+    an MLP bottleneck: an autoencoder on synthetic data.
+
+    An autoencoding family that is not digits_ae, so that a run holding out
+    digits_ae can still train on reconstruction losses (opt-in: not in the
+    default families, whose held-out set it would change).
+    """
+
+    name = "lowrank_ae"
+    buckets = (MLPBucket(hidden=(8,), batch=32),)
+    data_dim, max_rank = 32, 8
+
+    def sample_dynamic(self, rng, bucket):
+        return {**_network_dynamic(rng), "rank": float(rng.integers(2, self.max_rank + 1)),
+                "noise": float(rng.uniform(0.01, 0.3))}  # fmt: skip
+
+    def dataset(self, bucket):
+        return {}
+
+    def make_consts(self, bucket, dyn, data, key):
+        basis = jax.random.normal(key, (self.max_rank, self.data_dim)) / jnp.sqrt(dyn["rank"])
+        used = (jnp.arange(self.max_rank) < dyn["rank"])[:, None]  # the first ``rank`` directions span the data
+        return {"basis": basis * used}
+
+    def init_params(self, bucket, dyn, consts, key):
+        return init_mlp(key, (self.data_dim, *bucket.hidden, self.data_dim), dyn["param_scale"])
+
+    def loss(self, bucket, dyn, data, consts, params, key):
+        k_latent, k_noise = jax.random.split(key)
+        latent = jax.random.normal(k_latent, (bucket.batch, self.max_rank))
+        x = latent @ consts["basis"] + dyn["noise"] * jax.random.normal(k_noise, (bucket.batch, self.data_dim))
+        reconstruction = apply_mlp(params, x, dyn["activation"], dyn["param_scale"])
+        return jnp.mean((reconstruction - x) ** 2)
 
 
 def _toy_points(kind: jax.Array, noise: jax.Array, key: jax.Array, n: int):
