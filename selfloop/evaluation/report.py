@@ -98,8 +98,9 @@ def by_family(curves: Curves, families: list[str], adam_names: list[str]) -> dic
 
 
 def evaluate_lopts(thetas: dict[str, object], lopt_config, specs: tuple[TaskSpec, ...], steps: int, chunk: int,
-                   map_fn, cache_dir: Path) -> tuple[Curves, dict]:  # fmt: skip
-    """Curves and metrics for each named θ (members of a checkpoint, or exported optimizers) on ``specs``."""
+                   map_fn, cache_dir: Path) -> tuple[Curves, dict, dict]:  # fmt: skip
+    """Curves, metrics and per-family means (``by_family``) for each named θ (members of a
+    checkpoint, or exported optimizers) on ``specs``."""
     from selfloop.evaluation import ADAM_LEARNING_RATES
 
     reference = adam_reference(specs, steps, chunk, map_fn, cache_dir)
