@@ -102,9 +102,15 @@ def apply_mlp(params: Params, x: jax.Array, act_index: jax.Array, param_scale: j
     return x
 
 
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """Mean cross-entropy over the labels' positions; with ``weights`` (broadcast
+    to the labels' shape), their weighted mean: 0 leaves a position out."""
     log_probs = jax.nn.log_softmax(logits)
-    return -jnp.mean(jnp.take_along_axis(log_probs, labels[..., None], axis=-1))
+    picked = jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+    if weights is None:
+        return -jnp.mean(picked)
+    weights = jnp.broadcast_to(weights, picked.shape)
+    return -jnp.sum(picked * weights) / jnp.sum(weights)
 
 
 def minibatch(key: jax.Array, num_examples: int, batch: int) -> jax.Array:

@@ -317,7 +317,5 @@ class DelayedRecall:
         delay = dyn["delay"].astype(jnp.int32)
         targets = jnp.roll(inputs, delay, axis=1)  # targets[:, t] = inputs[:, t - delay]
         logits = _rnn_logits(params, inputs, bucket, dyn["param_scale"])  # [seq, batch, vocab]
-        log_probs = jax.nn.log_softmax(logits)
-        picked = jnp.take_along_axis(log_probs, jnp.swapaxes(targets, 0, 1)[..., None], axis=-1)[..., 0]
         scored = (jnp.arange(bucket.sequence) >= delay)[:, None]  # no target before the first delayed token
-        return -jnp.sum(picked * scored) / (jnp.sum(scored) * bucket.batch)
+        return softmax_cross_entropy(logits, jnp.swapaxes(targets, 0, 1), weights=scored)
