@@ -22,7 +22,12 @@ Scores (lower is better; per task, then averaged over tasks):
 - ``first 40``: ``ratio`` over the first 40 steps, as one truncation of the
   meta-objective sees an episode's start;
 - ``rank``: the optimizer's rank among all of them on that task (0: best),
-  divided by their number: a score that ignores how far apart they are.
+  divided by their number: a score that ignores how far apart they are;
+- ``to floor``: mean over the steps of (ℓ - ℓ_min)/(ℓ_init - ℓ_min), ℓ_min the
+  lowest loss any of the optimizers reached on that task: the held-out
+  set's normalization with the contestants' best in place of Adam's, which a
+  tournament can compute. Per task it orders optimizers as ``ratio`` does;
+  it weighs tasks as the held-out set does, by how far they can fall.
 
     python bench/objective_agreement.py RUN [RUN ...] --checkpoints 4 --min-round 200 --tasks 90
 """
@@ -83,12 +88,15 @@ def task_score_table(curves: list[np.ndarray]) -> dict[str, np.ndarray]:
     ratios = [ratio_to_initial(c, c[0:1]) for c in curves]
     logs = [np.log(np.maximum(r, 1e-6)) for r in ratios]
     ratio = np.stack([r.mean(axis=0) for r in ratios])
+    floors = [np.min(np.where(np.isfinite(c), c, np.inf), axis=(0, 1), keepdims=True) for c in curves]
+    to_floor = [ratio_to_initial(c - f, c[0:1] - f) for c, f in zip(curves, floors)]
     return {
         "ratio": ratio,
         "log ratio": np.stack([x.mean(axis=0) for x in logs]),
         "final ratio": np.stack([r[-1] for r in ratios]),
         f"first {FIRST_STEPS}": np.stack([r[: FIRST_STEPS + 1].mean(axis=0) for r in ratios]),
         "rank": np.argsort(np.argsort(ratio, axis=1), axis=1) / ratio.shape[1],
+        "to floor": np.stack([r.mean(axis=0) for r in to_floor]),
     }
 
 
