@@ -127,6 +127,9 @@ class Round(Event):
     # Median ‖Δθ‖/‖θ‖ as the outer optimizers proposed it (times population.outer_step_mult),
     # before the rail and the step scale.
     step_ratio: float | None = None
+    # Each member's proposed ‖Δθ‖/‖θ‖, as ``step_ratio`` (nan: not stepped this
+    # round), so the rail's use can be traced to members, ages and outer optimizers.
+    step_ratios: tuple[float, ...] = ()
     replaced_tasks: int = 0
     failed_units: int = 0
     inner_steps: int = 0  # the run's total so far

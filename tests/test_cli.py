@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,8 @@ def test_smoke_run_writes_every_kind_of_event_resumes_and_starts_fresh_on_reques
     kinds = [r.kind for r in records]
     assert kinds[0] == "start" and kinds[-1] == "end"
     assert kinds.count("round") == 4 and "pbt" in kinds and kinds.count("eval") >= 2
+    for r in (r for r in records if r.kind == "round"):  # every stepped member's proposal, nan for the rest
+        assert len(r.step_ratios) == len(r.meta_loss) and sum(map(math.isfinite, r.step_ratios)) == r.outer_steps
     pbt = next(json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()
                if '"kind": "pbt"' in line)  # fmt: skip
     assert {

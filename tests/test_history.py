@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from selfloop.events import (
@@ -27,10 +28,10 @@ def _eval(elapsed, members, fixed=0.2, tuned=0.1, round_index=None):
                 elapsed=elapsed, best_member=members.index(min(members)), members_final=tuple(members))  # fmt: skip
 
 
-def _round(index, elapsed=None, inner_steps=0, shortened=0, outer_steps=2):
+def _round(index, elapsed=None, inner_steps=0, shortened=0, outer_steps=2, step_ratios=()):
     return Round(round=index, elapsed=float(index) if elapsed is None else elapsed, meta_loss=(0.5, 0.6),
                  outer_index=(1, 0), truncation=(20, 20), steps=(index, index), age=(0, 0), outer_steps=outer_steps,
-                 shortened=shortened, inner_steps=inner_steps)  # fmt: skip
+                 shortened=shortened, inner_steps=inner_steps, step_ratios=step_ratios)  # fmt: skip
 
 
 def _tournament(index, elapsed):
@@ -114,6 +115,19 @@ def test_summary_counts_inner_steps_and_rail_use():
     rails = rail_use(records)
     assert (rails.outer_steps, rails.shortened) == (5, 3) and rails.shortened_fraction == pytest.approx(0.6)
     assert "shortened by the step rail 60.0%" in summary(records)
+    assert rails.proposed == () and "percentile" not in summary(records)  # an older log: no per-member ratios
+
+
+def test_rail_use_reads_the_tail_of_the_members_proposed_steps():
+    from selfloop.observe.history import rail_use, summary
+
+    # 100 stepped proposals 0.001..0.100 (a member not stepped is nan, and not counted).
+    ratios = [(0.001 * i, 0.001 * (i + 50)) for i in range(1, 51)]
+    records = [_eval(0, [1.0, 1.1])] + [_round(i + 1, step_ratios=r) for i, r in enumerate(ratios)]
+    records.append(_round(51, outer_steps=1, step_ratios=(float("nan"), 0.5)))
+    proposed = rail_use(records).proposed
+    assert proposed == pytest.approx(np.percentile([*np.arange(1, 101) * 0.001, 0.5], [50, 90, 99]))
+    assert "99th percentile" in summary(records)
 
 
 def test_a_log_with_unknown_kinds_and_incomplete_records_reads_what_it_can(tmp_path, capsys):

@@ -297,6 +297,7 @@ class Trainer:
             shortened=int(sum(bool(s.shortened) for s in steps.values())),
             step_scale=_floats(m.step_scale for m in members),
             step_ratio=float(np.median([float(s.step_ratio) for s in steps.values()])) if steps else None,
+            step_ratios=_floats(steps[i].step_ratio if i in steps else np.nan for i in range(len(members))),
             replaced_tasks=int(sum(r.replaced for r in results)),
             failed_units=len(members) * self.config.population.tasks_per_member - len(results),
             inner_steps=state.inner_steps,

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from selfloop.evaluation import ADAM_LEARNING_RATES
 from selfloop.events import Eval, Event, Round, of_type, read_events
 
@@ -39,18 +41,27 @@ class RailUse:
     outer_steps: int
     shortened: int  # by the step-size rail
     rejected: int  # non-finite
+    # Percentiles (50, 90, 99) of every proposed ‖Δθ‖/‖θ‖ (empty: older logs),
+    # the tail the rail cuts.
+    proposed: tuple[float, ...] = ()
 
     @property
     def shortened_fraction(self) -> float:
         return self.shortened / max(self.outer_steps, 1)
 
 
+PROPOSAL_PERCENTILES = (50, 90, 99)
+
+
 def rail_use(events: list[Event]) -> RailUse:
     rounds = of_type(events, Round)
+    ratios = np.array([x for r in rounds for x in r.step_ratios], dtype=np.float64)
+    ratios = ratios[np.isfinite(ratios)]
     return RailUse(
         outer_steps=sum(len(r.meta_loss) if r.outer_steps is None else r.outer_steps for r in rounds),
         shortened=sum(r.shortened for r in rounds),
         rejected=sum(r.rejected for r in rounds),
+        proposed=tuple(np.percentile(ratios, PROPOSAL_PERCENTILES)) if ratios.size else (),
     )
 
 
@@ -87,6 +98,9 @@ def summary(events: list[Event]) -> str:
     lines.append("")
     lines.append(f"outer steps: {rails.outer_steps}; shortened by the step rail {rails.shortened_fraction:.1%}, "
                  f"rejected as non-finite {rails.rejected}")
+    if rails.proposed:
+        lines.append("proposed outer steps, ‖Δθ‖/‖θ‖: " + ", ".join(
+            f"{q}th percentile {100 * v:.2f} %" for q, v in zip(PROPOSAL_PERCENTILES, rails.proposed)))
     scales = next((r.step_scale for r in reversed(of_type(events, Round)) if r.step_scale), None)
     if scales:
         lines.append(f"outer step scales (PBT-explored), last round: median {sorted(scales)[len(scales) // 2]:.3g}, "
