@@ -185,6 +185,15 @@ class EstimatorConfig:
     std: float = positive(0.01)
     chunk: int = positive(10)  # inner steps per compiled call; divides every truncation: one compiled length
     meta_loss_clip: float = positive(1.5)
+    # Divide each task's antithetic differences L⁺ − L⁻ by their RMS over the
+    # pairs, so every task of a meta-batch weighs alike and ĝ keeps one size
+    # from step to step. How strongly a task's meta-loss reacts to θ differs
+    # by orders of magnitude between families (and it changes as a slot's
+    # task is replaced), so unscaled estimates jump in size with the tasks
+    # drawn, and the outer optimizer, reading ĝ against its running scale,
+    # takes those jumps for signal. (The held-out score also weighs every
+    # task alike, after normalizing it by how far it can fall.)
+    standardize: bool = False
 
 
 @dataclass(frozen=True)

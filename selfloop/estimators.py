@@ -10,7 +10,9 @@
   ĝ = mean_p (L⁺_p − L⁻_p)·(A_p + ε_p)/(2σ²); A resets with the episode.
 
 L± is the mean over the segment of ℓ(t)/ℓ_init clipped to [0, clip]: a
-non-finite inner loss becomes the clip value, never a NaN gradient. Inner
+non-finite inner loss becomes the clip value, never a NaN gradient. With
+``estimator.standardize`` the differences L⁺_p − L⁻_p are divided by their
+RMS over the pairs: one task's estimate has the same size whatever the task. Inner
 problems are replaced at a segment boundary once their sampled horizon has
 passed or their weights stopped being finite (``needs_reset``).
 """
@@ -94,6 +96,13 @@ _all_finite = jax.jit(tree_all_finite)
 _tree_add = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b))
 
 
+def standardized(difference: np.ndarray) -> np.ndarray:
+    """``difference`` over its RMS (``estimator.standardize``); zeros when every
+    pair tied (a task on which θ makes no difference carries no direction)."""
+    rms = float(np.sqrt(np.mean(np.square(difference))))
+    return difference / rms if rms > 1e-12 else np.zeros_like(difference)
+
+
 def needs_reset(slot: SlotState) -> bool:
     """True once the episode's horizon has passed or its weights are non-finite."""
     episode = slot.episode
@@ -146,7 +155,8 @@ def estimate_gradient(
         inners, episode, losses = program.advance(spec, particles, inners, episode, config.chunk)
         meta_loss_sum += ratio_to_initial(np.asarray(losses), init_loss, config.meta_loss_clip).sum(axis=0)
     meta_loss = meta_loss_sum / truncation
-    difference = meta_loss[: config.pairs] - meta_loss[config.pairs :]
+    difference = standardized(meta_loss[: config.pairs] - meta_loss[config.pairs :]) if config.standardize \
+        else meta_loss[: config.pairs] - meta_loss[config.pairs :]
     coefficients = jnp.asarray(difference / (2.0 * config.std**2), jnp.float32)
 
     if config.kind == "pes":

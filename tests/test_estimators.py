@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from selfloop.config import EstimatorConfig, LOptConfig
-from selfloop.estimators import SlotState, as_inner_optimizer, estimate_gradient, needs_reset, new_slot
+from selfloop.estimators import (
+    SlotState,
+    as_inner_optimizer,
+    estimate_gradient,
+    needs_reset,
+    new_slot,
+    standardized,
+)
 from selfloop.lopt import make_lopt
 from selfloop.tasks import TASK_FAMILIES
 from selfloop.tasks.base import TaskSpec
@@ -142,3 +149,28 @@ def test_same_key_same_estimate():
         results.append(estimate_gradient(lopt, theta, SPEC, slot, 20, config, HORIZON, jax.random.PRNGKey(3)))
     np.testing.assert_array_equal(_flat(results[0].gradient), _flat(results[1].gradient))
     assert isinstance(results[0].slot, SlotState)
+
+
+@pytest.mark.parametrize("kind", ["es", "pes"])
+def test_standardized_estimate_keeps_the_direction_and_has_one_size(kind):
+    """``estimator.standardize`` rescales a task's estimate, never turns it:
+    the same unroll gives the plain estimate times a positive number, and
+    differences of any size become differences of RMS 1."""
+    lopt = make_lopt(LOPT_CONFIG)
+    theta = lopt.init_theta(jax.random.PRNGKey(0))
+    estimates = []
+    for standardize in (False, True):
+        config = EstimatorConfig(kind=kind, pairs=8, chunk=10, standardize=standardize)
+        slot = new_slot(lopt, SPEC, theta, config, HORIZON)
+        estimates.append(estimate_gradient(lopt, theta, SPEC, slot, 20, config, HORIZON, jax.random.PRNGKey(5)))
+    plain, scaled = (_flat(e.gradient) for e in estimates)
+    assert _cosine(estimates[0].gradient, estimates[1].gradient) > 0.9999
+    assert np.linalg.norm(plain) > 0 and not np.allclose(plain, scaled)
+    assert estimates[0].meta_loss == estimates[1].meta_loss  # the same unroll
+
+    differences = np.array([0.3, -0.1, 0.0, 0.2])
+    for size in (1e-6, 1.0, 1e3):
+        unit = standardized(size * differences)
+        np.testing.assert_allclose(np.sqrt(np.mean(unit**2)), 1.0, rtol=1e-6)
+        np.testing.assert_allclose(unit, standardized(differences), rtol=1e-6)
+    np.testing.assert_array_equal(standardized(np.zeros(4)), np.zeros(4))  # a tie carries no direction
