@@ -192,7 +192,9 @@ class EstimatorConfig:
     # task is replaced), so unscaled estimates jump in size with the tasks
     # drawn, and the outer optimizer, reading ĝ against its running scale,
     # takes those jumps for signal. (The held-out score also weighs every
-    # task alike, after normalizing it by how far it can fall.)
+    # task alike, after normalizing it by how far it can fall.) Off by
+    # default: it leaves the step rail idle, but the outer steps it gives
+    # are twice as long and the best member stalls higher (BENCHMARKS.md).
     standardize: bool = False
 
 

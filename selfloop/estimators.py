@@ -155,8 +155,9 @@ def estimate_gradient(
         inners, episode, losses = program.advance(spec, particles, inners, episode, config.chunk)
         meta_loss_sum += ratio_to_initial(np.asarray(losses), init_loss, config.meta_loss_clip).sum(axis=0)
     meta_loss = meta_loss_sum / truncation
-    difference = standardized(meta_loss[: config.pairs] - meta_loss[config.pairs :]) if config.standardize \
-        else meta_loss[: config.pairs] - meta_loss[config.pairs :]
+    difference = meta_loss[: config.pairs] - meta_loss[config.pairs :]
+    if config.standardize:
+        difference = standardized(difference)
     coefficients = jnp.asarray(difference / (2.0 * config.std**2), jnp.float32)
 
     if config.kind == "pes":
