@@ -45,19 +45,20 @@ def main() -> None:
     minutes = [float(m) for m in args.minutes.split(",")]
     inner = [float(m) for m in args.inner.split(",")]
     columns = [f"{m:g} min" for m in minutes] + [f"{m:g} M steps" for m in inner]
-    print("| run | " + " | ".join(columns) + " | lowest | minutes run | inner M | rail shortened |")
-    print("|---" * (len(columns) + 5) + "|")
+    print("| run | " + " | ".join(columns) + " | lowest | minutes run | inner M | rail shortened | ĝ clipped |")
+    print("|---" * (len(columns) + 6) + "|")
     by_variant: dict[str, list[list[float]]] = {}
     for spec in args.runs:
         label, run_dir = spec.split("=", 1)
         events = read_events(Path(run_dir) / "events.jsonl")
-        evals, rounds = of_type(events, Eval), of_type(events, Round)
+        evals, rounds, rails = of_type(events, Eval), of_type(events, Round), rail_use(events)
         values = [best_within(events, minutes=m) for m in minutes] + [best_within(events, inner_millions=m)
                                                                        for m in inner]
         by_variant.setdefault(label.split(":")[0], []).append(values)
         print(f"| {label} | " + " | ".join(f"{v:.3f}" if v == v else "-" for v in values)
               + f" | {min(e.best for e in evals):.3f} | {evals[-1].elapsed / 60:.1f} | "
-              f"{rounds[-1].inner_steps / 1e6:.2f} | {rail_use(events).shortened_fraction:.1%} |")
+              f"{rounds[-1].inner_steps / 1e6:.2f} | {rails.shortened_fraction:.1%} | "
+              + (f"{rails.clipped_fraction:.1%} |" if rails.estimates else "- |"))
     print("\n| variant (seeds) | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for variant, rows in by_variant.items():

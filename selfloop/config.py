@@ -196,6 +196,19 @@ class EstimatorConfig:
     # default: it leaves the step rail idle, but the outer steps it gives
     # are twice as long and the best member stalls higher (BENCHMARKS.md).
     standardize: bool = False
+    # Shorten each work unit's estimate to at most this many times the median
+    # length of the round's estimates (0: never). A task that reacts to θ far
+    # more strongly than the others gives an estimate tens of times longer;
+    # the outer optimizer reads it against a running scale with a memory of
+    # about a thousand steps, so for as long as that task lasts it takes the
+    # outlier for a strong, consistent signal and proposes steps the rail
+    # must cut, and its momenta keep the spike after the task is gone. The
+    # clip bounds such an estimate before it enters the outer optimizer's
+    # state, and leaves every estimate within the factor as it is: tasks
+    # still weigh by how strongly they react, unlike ``standardize``. It is
+    # robust estimation of the meta-gradient, not an update rule: the step
+    # is still the outer optimizer's. Off by default until measured.
+    outlier_clip: float = non_negative(0.0)
 
 
 @dataclass(frozen=True)

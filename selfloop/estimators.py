@@ -12,7 +12,9 @@
 L± is the mean over the segment of ℓ(t)/ℓ_init clipped to [0, clip]: a
 non-finite inner loss becomes the clip value, never a NaN gradient. With
 ``estimator.standardize`` the differences L⁺_p − L⁻_p are divided by their
-RMS over the pairs: one task's estimate has the same size whatever the task. Inner
+RMS over the pairs: one task's estimate has the same size whatever the task.
+With ``estimator.outlier_clip`` the master shortens a round's outlying
+estimates to a multiple of their median length (``clip_outliers``). Inner
 problems are replaced at a segment boundary once their sampled horizon has
 passed or their weights stopped being finite (``needs_reset``).
 """
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from selfloop.config import EstimatorConfig
-from selfloop.lopt.base import LearnedOptimizer, tree_all_finite
+from selfloop.lopt.base import LearnedOptimizer, tree_all_finite, tree_l2_norm
 from selfloop.tasks.base import TaskSpec
 from selfloop.tasks.normalize import ratio_to_initial
 from selfloop.unroll import Episode, InnerOptimizer, InnerState, broadcast_batch, task_program
@@ -101,6 +103,26 @@ def standardized(difference: np.ndarray) -> np.ndarray:
     pair tied (a task on which θ makes no difference carries no direction)."""
     rms = float(np.sqrt(np.mean(np.square(difference))))
     return difference / rms if rms > 1e-12 else np.zeros_like(difference)
+
+
+def clip_outliers(estimates: dict[int, list[Any]], factor: float) -> tuple[dict[int, list[Any]], int]:
+    """Every estimate longer than ``factor`` times the median length of all of
+    them shortened to that length, its direction kept (``estimator.outlier_clip``),
+    and how many were shortened. ``factor`` 0 returns them as they are."""
+    norms = {key: [float(tree_l2_norm(e)) for e in group] for key, group in estimates.items()}
+    flat = [n for group in norms.values() for n in group]
+    if factor <= 0 or not flat:
+        return estimates, 0
+    limit = factor * float(np.median(flat))
+    clipped, shortened = {}, 0
+    for key, group in estimates.items():
+        clipped[key] = []
+        for estimate, norm in zip(group, norms[key]):
+            if norm > limit > 0:
+                shortened += 1
+                estimate = jax.tree_util.tree_map(lambda x, s=limit / norm: (x * s).astype(x.dtype), estimate)
+            clipped[key].append(estimate)
+    return clipped, shortened
 
 
 def needs_reset(slot: SlotState) -> bool:

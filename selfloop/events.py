@@ -130,7 +130,16 @@ class Round(Event):
     # Each member's proposed ‖Δθ‖/‖θ‖, as ``step_ratio`` (nan: not stepped this
     # round), so the rail's use can be traced to members, ages and outer optimizers.
     step_ratios: tuple[float, ...] = ()
+    # Each member's ‖ĝ‖ as its outer optimizer read it (nan: not stepped); the
+    # units' estimates that reached an outer step, and how many of them
+    # ``estimator.outlier_clip`` shortened.
+    estimate_norms: tuple[float, ...] = ()
+    estimates: int = 0
+    clipped_estimates: int = 0
     replaced_tasks: int = 0
+    # Per member, its slots that started a new task this round (the estimate's
+    # size can jump with the task).
+    replaced_by_member: tuple[int, ...] = ()
     failed_units: int = 0
     inner_steps: int = 0  # the run's total so far
     worker_restarts: int = 0

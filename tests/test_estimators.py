@@ -13,6 +13,7 @@ from selfloop.config import EstimatorConfig, LOptConfig
 from selfloop.estimators import (
     SlotState,
     as_inner_optimizer,
+    clip_outliers,
     estimate_gradient,
     needs_reset,
     new_slot,
@@ -174,3 +175,33 @@ def test_standardized_estimate_keeps_the_direction_and_has_one_size():
         np.testing.assert_allclose(np.sqrt(np.mean(unit**2)), 1.0, rtol=1e-6)
         np.testing.assert_allclose(unit, standardized(differences), rtol=1e-6)
     np.testing.assert_array_equal(standardized(np.zeros(4)), np.zeros(4))  # a tie carries no direction
+
+
+def test_outlier_clip_shortens_only_estimates_beyond_the_factor_and_keeps_their_direction():
+    """``estimator.outlier_clip``: an estimate longer than factor x the round's
+    median length is cut to that length along its own direction; the rest,
+    and every estimate with the clip off, pass unchanged."""
+    rng = np.random.default_rng(0)
+
+    def estimate(length):
+        tree = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}
+        return {k: (v * (length / np.linalg.norm(_flat(tree)))).astype(np.float32) for k, v in tree.items()}
+
+    # Lengths 1, 2, 3 | 4, 40: median 3, so a factor of 2 allows 6 and cuts only the 40.
+    estimates = {0: [estimate(1.0), estimate(2.0)], 1: [estimate(3.0)], 3: [estimate(4.0), estimate(40.0)]}
+    clipped, shortened = clip_outliers(estimates, 2.0)
+    assert shortened == 1 and set(clipped) == {0, 1, 3}
+    for key, group in estimates.items():
+        for before, after in zip(group, clipped[key]):
+            if before is estimates[3][1]:
+                assert np.isclose(np.linalg.norm(_flat(after)), 6.0, rtol=1e-5)
+                assert _cosine(before, after) > 0.99999
+                assert after["w"].dtype == np.float32
+            else:
+                for leaf in before:
+                    np.testing.assert_array_equal(before[leaf], after[leaf])
+    assert clip_outliers(estimates, 0.0) == (estimates, 0)
+    assert clip_outliers({}, 2.0) == ({}, 0)
+    # A round of zero estimates (every pair tied) has nothing to cut.
+    zeros = {0: [jax.tree_util.tree_map(np.zeros_like, estimate(1.0))] * 2}
+    assert clip_outliers(zeros, 2.0)[1] == 0

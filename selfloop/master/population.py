@@ -30,6 +30,7 @@ class OuterStep(NamedTuple):
     accepted: jax.Array  # bool []: False when the step would leave θ non-finite
     step_ratio: jax.Array  # float32 []: ‖Δθ‖/‖θ‖ as proposed (times the step multiplier), before the rail
     shortened: jax.Array  # bool []: whether the step-size rail shortened it
+    gradient_norm: jax.Array  # float32 []: ‖ĝ‖ as the outer optimizer read it
 
 
 class OuterSettings(NamedTuple):
@@ -108,7 +109,8 @@ def outer_step_fn(lopt: LearnedOptimizer):
         new_theta = jax.tree_util.tree_map(lambda t, d: t + factor * d, theta, delta)
         accepted = tree_all_finite(new_theta) & tree_all_finite(new_state)
         keep = functools.partial(jax.tree_util.tree_map, lambda new, old: jnp.where(accepted, new, old))
-        return OuterStep(keep(new_theta, theta), keep(new_state, state), accepted, ratio, shortened)
+        return OuterStep(keep(new_theta, theta), keep(new_state, state), accepted, ratio, shortened,
+                         tree_l2_norm(gradient))
 
     return outer_step
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from selfloop import events
 from selfloop.config import Config, config_to_dict
+from selfloop.estimators import clip_outliers
 from selfloop.evaluation.heldout import EvaluationFailed, adam_reference, evaluate_members
 from selfloop.events import EventLog, Report
 from selfloop.farm.engines import InProcessFarm, Interrupted, UnitFailure, reporting_progress
@@ -277,6 +278,7 @@ class Trainer:
         gradients = absorb_results(state, results, self.config.estimator.pairs)
         if self.config.guard.rollback:
             self._guard(state, gradients)
+        gradients, clipped = clip_outliers(gradients, self.config.estimator.outlier_clip)
         steps = apply_outer_steps(state.members, gradients, self.lopt, outer_settings(self.config))
         for i, step in steps.items():
             if not bool(step.accepted):
@@ -298,7 +300,11 @@ class Trainer:
             step_scale=_floats(m.step_scale for m in members),
             step_ratio=float(np.median([float(s.step_ratio) for s in steps.values()])) if steps else None,
             step_ratios=_floats(steps[i].step_ratio if i in steps else np.nan for i in range(len(members))),
+            estimate_norms=_floats(steps[i].gradient_norm if i in steps else np.nan for i in range(len(members))),
+            estimates=sum(len(gradients[i]) for i in steps),
+            clipped_estimates=clipped,
             replaced_tasks=int(sum(r.replaced for r in results)),
+            replaced_by_member=tuple(sum(r.replaced for r in results if r.member == i) for i in range(len(members))),
             failed_units=len(members) * self.config.population.tasks_per_member - len(results),
             inner_steps=state.inner_steps,
             worker_restarts=self.farm.stats.restarts,

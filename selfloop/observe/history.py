@@ -44,10 +44,16 @@ class RailUse:
     # Percentiles (50, 90, 99) of every proposed ‖Δθ‖/‖θ‖ (empty: older logs),
     # the tail the rail cuts.
     proposed: tuple[float, ...] = ()
+    estimates: int = 0  # units' meta-gradient estimates that reached an outer step (older logs: 0)
+    clipped: int = 0  # of them, shortened by ``estimator.outlier_clip``
 
     @property
     def shortened_fraction(self) -> float:
         return self.shortened / max(self.outer_steps, 1)
+
+    @property
+    def clipped_fraction(self) -> float:
+        return self.clipped / max(self.estimates, 1)
 
 
 PROPOSAL_PERCENTILES = (50, 90, 99)
@@ -62,6 +68,8 @@ def rail_use(events: list[Event]) -> RailUse:
         shortened=sum(r.shortened for r in rounds),
         rejected=sum(r.rejected for r in rounds),
         proposed=tuple(np.percentile(ratios, PROPOSAL_PERCENTILES)) if ratios.size else (),
+        estimates=sum(r.estimates for r in rounds),
+        clipped=sum(r.clipped_estimates for r in rounds),
     )
 
 
@@ -101,6 +109,9 @@ def summary(events: list[Event]) -> str:
     if rails.proposed:
         lines.append("proposed outer steps, ‖Δθ‖/‖θ‖: " + ", ".join(
             f"{q}th percentile {100 * v:.2f} %" for q, v in zip(PROPOSAL_PERCENTILES, rails.proposed)))
+    if rails.clipped:
+        lines.append(f"meta-gradient estimates shortened by estimator.outlier_clip: {rails.clipped_fraction:.1%} "
+                     f"of {rails.estimates}")
     scales = next((r.step_scale for r in reversed(of_type(events, Round)) if r.step_scale), None)
     if scales:
         lines.append(f"outer step scales (PBT-explored), last round: median {sorted(scales)[len(scales) // 2]:.3g}, "
