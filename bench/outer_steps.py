@@ -1,5 +1,9 @@
 """Where a run's long outer steps come from: its proposals by member age, outer
-optimizer age, truncation and minute, from the events log's ``Round.step_ratios``.
+optimizer age, truncation and minute, from the events log's ``Round.step_ratios``;
+in logs that record them, also by rounds since one of the member's slots
+started a new task (``Round.replaced_by_member``) and by the size of the
+member's meta-gradient estimate against the round's median
+(``Round.estimate_norms``).
 
     python bench/outer_steps.py RUN [RUN ...] [--rail 0.02]
 
@@ -29,14 +33,24 @@ class Proposals(NamedTuple):
     age: np.ndarray  # the member's outer steps since its weights were copied
     outer_age: np.ndarray  # the same for its outer optimizer
     truncation: np.ndarray
+    task_age: np.ndarray  # rounds since one of the member's slots started a new task (nan: not recorded)
+    estimate_size: np.ndarray  # the member's ‖ĝ‖ over the round's median member ‖ĝ‖ (nan: not recorded)
 
 
 def proposals(run: Path) -> Proposals:
-    rows = []
+    rows, last_new_task = [], {}
     for r in of_type(read_events(run), Round):
+        for i, replaced in enumerate(r.replaced_by_member):
+            if replaced:
+                last_new_task[i] = r.round
+        norms = np.asarray(r.estimate_norms, dtype=np.float64)
+        median = np.nanmedian(norms) if norms.size and np.isfinite(norms).any() else np.nan
         for i, ratio in enumerate(r.step_ratios):
             if np.isfinite(ratio):
-                rows.append((r.round, r.elapsed / 60, i, ratio, r.age[i], r.age[r.outer_index[i]], r.truncation[i]))
+                task_age = r.round - last_new_task[i] if i in last_new_task else np.nan
+                size = norms[i] / median if norms.size and median > 0 else np.nan
+                rows.append((r.round, r.elapsed / 60, i, ratio, r.age[i], r.age[r.outer_index[i]], r.truncation[i],
+                             task_age, size))
     if not rows:
         raise SystemExit(f"{run}: no Round records with step_ratios (logs from before they were recorded)")
     return Proposals(*np.array(rows, dtype=np.float64).T)
@@ -47,6 +61,8 @@ GROUPS = (
     ("outer optimizer's age", "outer_age", (3, 10, 30, 100)),
     ("K", "truncation", (25, 35, 50)),
     ("minute", "minute", (5, 10, 15, 20, 25)),
+    ("rounds since a new task", "task_age", (1, 4, 11, 31)),
+    ("‖ĝ‖ / the round's median", "estimate_size", (0.5, 2, 4, 10)),
 )
 
 
@@ -73,7 +89,9 @@ def report(run: Path, rail: float) -> None:
           f"proposals p50 / p90 / p99 / max {' / '.join(f'{x:.2f}' for x in q)} % of |theta|")
     for title, column, edges in GROUPS:
         values = getattr(p, column)
-        bins = np.digitize(values, edges)
+        if not np.isfinite(values).any():
+            continue  # not recorded in this log
+        bins = np.where(np.isfinite(values), np.digitize(values, edges), -1)
         print(f"\n| {title} | member-steps | above the rail | median | p90 |\n|---|---|---|---|---|")
         for b in range(len(edges) + 1):
             m = bins == b

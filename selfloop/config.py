@@ -207,7 +207,10 @@ class EstimatorConfig:
     # state, and leaves every estimate within the factor as it is: tasks
     # still weigh by how strongly they react, unlike ``standardize``. It is
     # robust estimation of the meta-gradient, not an update rule: the step
-    # is still the outer optimizer's. Off by default until measured.
+    # is still the outer optimizer's. Off by default: at 4 it left the rail
+    # nearly idle but learned more slowly on one of two seeds, and more
+    # slowly still with the default's step length restored (BENCHMARKS.md):
+    # the outliers carry much of what the loop learns from.
     outlier_clip: float = non_negative(0.0)
 
 
