@@ -109,9 +109,11 @@ def clip_outliers(estimates: dict[int, list[Any]], factor: float) -> tuple[dict[
     """Every estimate longer than ``factor`` times the median length of all of
     them shortened to that length, its direction kept (``estimator.outlier_clip``),
     and how many were shortened. ``factor`` 0 returns them as they are."""
+    if factor <= 0:
+        return estimates, 0  # off (the default): no norms measured on every round
     norms = {key: [float(tree_l2_norm(e)) for e in group] for key, group in estimates.items()}
     flat = [n for group in norms.values() for n in group]
-    if factor <= 0 or not flat:
+    if not flat:
         return estimates, 0
     limit = factor * float(np.median(flat))
     clipped, shortened = {}, 0
