@@ -18,3 +18,15 @@ def smoke_config():
     from selfloop.config import load_config
 
     return load_config(REPO / "configs" / "smoke.toml")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory) -> str:
+    """One persistent compile cache for the session: the tests' own process and
+    every ``run.py`` they start compile the smoke config's programs once, not
+    once per test (and the repository's ``checkpoints/`` stays untouched)."""
+    from selfloop.farm.worker import use_compile_cache
+
+    path = str(tmp_path_factory.mktemp("jax_cache"))
+    use_compile_cache(path)
+    return path

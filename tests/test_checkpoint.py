@@ -278,8 +278,8 @@ def _newest_round(run_dir: Path, config) -> int:
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_moments_always_leaves_a_resumable_checkpoint(smoke_config, tmp_path):
-    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+def test_kill_9_at_random_moments_always_leaves_a_resumable_checkpoint(smoke_config, tmp_path, compile_cache):
+    run_dir, cache = tmp_path / "run", Path(compile_cache)
     rng = random.Random(0)
     config = dataclasses.replace(smoke_config, run=dataclasses.replace(smoke_config.run, checkpoint_dir=str(run_dir)))
     rounds_seen = []

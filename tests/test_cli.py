@@ -23,15 +23,13 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def _run_in(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    """A smoke run whose compile cache lives in the test's own directory."""
-    return _run("--compile-cache", str(tmp_path / "jax_cache"), *args)
+def test_smoke_run_writes_every_kind_of_event_resumes_and_starts_fresh_on_request(tmp_path, compile_cache):
+    def _run_in(*args: str) -> subprocess.CompletedProcess:
+        return _run("--compile-cache", compile_cache, *args)
 
-
-def test_smoke_run_writes_every_kind_of_event_resumes_and_starts_fresh_on_request(tmp_path):
     run_dir = tmp_path / "run"
     # A clip at the median shortens the longer half of each round's estimates: the option reaches the round.
-    result = _run_in(tmp_path, "--checkpoint-dir", str(run_dir), "--dashboard", "plain",
+    result = _run_in("--checkpoint-dir", str(run_dir), "--dashboard", "plain",
                      "--set", "estimator.outlier_clip=1")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     records = [from_record(json.loads(line)) for line in (run_dir / "events.jsonl").read_text().splitlines()]
@@ -61,13 +59,13 @@ def test_smoke_run_writes_every_kind_of_event_resumes_and_starts_fresh_on_reques
     assert "checkpoint" in kinds and (run_dir / "checkpoint-000000004.h5").exists()
 
     # The same directory again resumes from round 4 (max_rounds counts the whole run).
-    again = _run_in(tmp_path, "--checkpoint-dir", str(run_dir), "--max-rounds", "6")
+    again = _run_in("--checkpoint-dir", str(run_dir), "--max-rounds", "6")
     assert again.returncode == 0, again.stderr[-3000:]
     records = [from_record(json.loads(line)) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert [r.round for r in records if r.kind == "resume"] == [4]
     assert records[-1].kind == "end" and records[-1].round == 6
 
-    fresh = _run_in(tmp_path, "--checkpoint-dir", str(run_dir), "--fresh", "--max-rounds", "1")
+    fresh = _run_in("--checkpoint-dir", str(run_dir), "--fresh", "--max-rounds", "1")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     (previous,) = run_dir.glob("previous-*")  # the first run is kept whole, not overwritten
     assert (previous / "events.jsonl").exists() and (previous / "checkpoint-000000006.h5").exists()

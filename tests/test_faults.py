@@ -30,11 +30,6 @@ LONG_PHASES = ("--config", "configs/smoke.toml", "--set", "farm.engine='local'",
                "--dashboard", "plain", "--max-rounds", "100000")  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("jax_cache"))
-
-
 def _command(*args: str) -> list[str]:
     return [sys.executable, "run.py", *args]
 
@@ -95,9 +90,9 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["...   Adam reference", "...   evaluating", "round "])
-def test_one_ctrl_c_in_any_phase_stops_within_5_s_keeping_the_last_checkpoint(tmp_path, cache, phase):
+def test_one_ctrl_c_in_any_phase_stops_within_5_s_keeping_the_last_checkpoint(tmp_path, compile_cache, phase):
     run_dir = tmp_path / "run"
-    master = Master(*LONG_PHASES, "--checkpoint-dir", str(run_dir), "--compile-cache", cache)
+    master = Master(*LONG_PHASES, "--checkpoint-dir", str(run_dir), "--compile-cache", compile_cache)
     master.wait_for(phase)
     os.kill(master.process.pid, signal.SIGINT)
     sent = time.monotonic()
@@ -118,9 +113,9 @@ def test_one_ctrl_c_in_any_phase_stops_within_5_s_keeping_the_last_checkpoint(tm
 
 
 @pytest.mark.slow
-def test_a_second_sigterm_exits_at_once_and_the_run_resumes(tmp_path, cache):
+def test_a_second_sigterm_exits_at_once_and_the_run_resumes(tmp_path, compile_cache):
     run_dir = tmp_path / "run"
-    master = Master(*LONG_PHASES, "--checkpoint-dir", str(run_dir), "--compile-cache", cache)
+    master = Master(*LONG_PHASES, "--checkpoint-dir", str(run_dir), "--compile-cache", compile_cache)
     master.wait_for("...   Adam reference")
     os.kill(master.process.pid, signal.SIGTERM)
     time.sleep(0.2)
@@ -128,14 +123,14 @@ def test_a_second_sigterm_exits_at_once_and_the_run_resumes(tmp_path, cache):
     sent = time.monotonic()
     assert master.process.wait(timeout=30) == 130 and time.monotonic() - sent < 3.0
     assert "exiting now" in master.output() and "Traceback" not in "".join(master.seen)
-    resumed = _run("--checkpoint-dir", str(run_dir), "--compile-cache", cache, "--max-rounds", "2",
+    resumed = _run("--checkpoint-dir", str(run_dir), "--compile-cache", compile_cache, "--max-rounds", "2",
                    "--set", "eval.tasks=2", "--set", "eval.steps=20", "--set", "eval.chunk=10")  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
 
 @pytest.mark.slow
-def test_workers_die_with_a_killed_master(tmp_path, cache):
-    master = Master(*LONG_PHASES, "--checkpoint-dir", str(tmp_path / "run"), "--compile-cache", cache)
+def test_workers_die_with_a_killed_master(tmp_path, compile_cache):
+    master = Master(*LONG_PHASES, "--checkpoint-dir", str(tmp_path / "run"), "--compile-cache", compile_cache)
     master.wait_for("...   Adam reference")
     workers = _children(master.process.pid)
     assert workers and all(_alive(w) for w in workers)
@@ -148,11 +143,12 @@ def test_workers_die_with_a_killed_master(tmp_path, cache):
 
 
 @pytest.mark.slow
-def test_the_time_limit_cuts_a_long_evaluation_and_progress_is_shown(tmp_path, cache):
+def test_the_time_limit_cuts_a_long_evaluation_and_progress_is_shown(tmp_path, compile_cache):
     run_dir = tmp_path / "run"
     # 100 held-out tasks x 20k steps: the Adam reference alone would take many minutes.
     started = time.monotonic()
-    result = _run(*LONG_PHASES, "--checkpoint-dir", str(run_dir), "--compile-cache", cache, "--max-minutes", "0.05",
+    result = _run(*LONG_PHASES, "--checkpoint-dir", str(run_dir), "--compile-cache", compile_cache,
+                  "--max-minutes", "0.05",
                   "--set", "eval.tasks=100", "--set", "eval.steps=20000", "--set", "eval.chunk=500")  # fmt: skip
     took = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-2000:]
@@ -171,19 +167,19 @@ def test_workers_are_capped_to_the_cores_and_the_memory_available():
     assert count == 1 and "GB of memory available" in why
 
 
-def test_a_capped_worker_count_is_said_on_the_run(tmp_path, cache):
+def test_a_capped_worker_count_is_said_on_the_run(tmp_path, compile_cache):
     result = _run("--config", "configs/smoke.toml", "--set", "farm.engine='local'", "--workers", "999",
-                  "--checkpoint-dir", str(tmp_path / "run"), "--compile-cache", cache, "--max-rounds", "1",
+                  "--checkpoint-dir", str(tmp_path / "run"), "--compile-cache", compile_cache, "--max-rounds", "1",
                   "--dashboard", "plain")  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "farm.workers = 999: capped to" in result.stdout
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, cache) -> Path:
+def smoke_run(tmp_path_factory, compile_cache) -> Path:
     """A finished smoke run made with configs/smoke.toml."""
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    result = _run("--config", "configs/smoke.toml", "--checkpoint-dir", str(run_dir), "--compile-cache", cache)
+    result = _run("--config", "configs/smoke.toml", "--checkpoint-dir", str(run_dir), "--compile-cache", compile_cache)
     assert result.returncode == 0, result.stderr[-2000:]
     return run_dir
 

@@ -51,9 +51,10 @@ def test_by_family_separates_what_the_overall_mean_hides():
     assert text.splitlines()[2].split() == ["rnn", "1.000", f"{adam_a[1].mean():.3f}", f"{adam_b[1].mean():.3f}"]
 
 
-def test_eval_command_writes_figure_tables_and_caches_adam(tmp_path):
+def test_eval_command_writes_figure_tables_and_caches_adam(tmp_path, compile_cache):
     run_dir = tmp_path / "run"
-    common = ["--config", "configs/smoke.toml", "--checkpoint-dir", str(run_dir)]
+    common = ["--config", "configs/smoke.toml", "--checkpoint-dir", str(run_dir),
+              "--set", f"farm.compile_cache={compile_cache!r}"]  # fmt: skip
     train = subprocess.run([sys.executable, "run.py", *common, "--max-rounds", "2"], cwd=REPO,
                            capture_output=True, text=True, timeout=600)  # fmt: skip
     assert train.returncode == 0, train.stderr[-3000:]

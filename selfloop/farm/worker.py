@@ -56,20 +56,27 @@ def compile_cache_dir(root: str | Path) -> Path:
     return Path(root) / f"jaxlib-{version}-{cpu}"
 
 
+def use_compile_cache(cache_root: str | Path) -> None:
+    """Keep compiled programs in ``cache_root`` (this jaxlib and CPU's folder of it)."""
+    import jax
+
+    path = compile_cache_dir(cache_root)
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # Several processes (and nodes) share the directory: keep only the
+    # executable cache, whose entries are written whole.
+    jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
+
+
 def configure_jax(cache_root: str | None) -> None:
     """Persistent compilation cache and the compile clock; call before the first JAX operation."""
     import jax
 
     jax.monitoring.register_event_duration_secs_listener(_count_compile_time)
     if cache_root:
-        path = compile_cache_dir(cache_root)
-        path.mkdir(parents=True, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", str(path))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-        # Several processes (and nodes) share the directory: keep only the
-        # executable cache, whose entries are written whole.
-        jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
+        use_compile_cache(cache_root)
 
 
 def prepare_process(core: int | None, cache_root: str | None, log_path: str | None) -> None:
