@@ -24,7 +24,8 @@ def smoke_config():
 def compile_cache(tmp_path_factory) -> str:
     """One persistent compile cache for the session: the tests' own process and
     every ``run.py`` they start compile the smoke config's programs once, not
-    once per test (and the repository's ``checkpoints/`` stays untouched)."""
+    once per test. (Worker pools that tests build from a config still use its
+    ``farm.compile_cache``, the repository's ``checkpoints/jax_cache``.)"""
     from selfloop.farm.worker import use_compile_cache
 
     path = str(tmp_path_factory.mktemp("jax_cache"))
