@@ -13,19 +13,24 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def smoke_config():
+def load_smoke_config(compile_cache: str):
+    """configs/smoke.toml, its worker pools on the session's compile cache."""
     from selfloop.config import load_config
 
-    return load_config(REPO / "configs" / "smoke.toml")
+    return load_config(REPO / "configs" / "smoke.toml", (f"farm.compile_cache={compile_cache!r}",))
+
+
+@pytest.fixture
+def smoke_config(compile_cache):
+    return load_smoke_config(compile_cache)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def compile_cache(tmp_path_factory) -> str:
     """One persistent compile cache for the session: the tests' own process and
     every ``run.py`` they start compile the smoke config's programs once, not
-    once per test. (Worker pools that tests build from a config still use its
-    ``farm.compile_cache``, the repository's ``checkpoints/jax_cache``.)"""
+    once per test. ``smoke_config`` points its worker pools here too, so the
+    tests leave the repository's ``checkpoints/`` untouched."""
     from selfloop.farm.worker import use_compile_cache
 
     path = str(tmp_path_factory.mktemp("jax_cache"))

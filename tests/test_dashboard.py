@@ -15,18 +15,17 @@ import pytest
 from rich.console import Console
 
 from selfloop import events as ev
-from selfloop.config import load_config
 from selfloop.events import _jsonable, to_record
 from selfloop.master.trainer import Trainer
 from selfloop.observe.dashboard import DashboardState, apply, render, sparkline
 from selfloop.observe.plain import PlainReporter
-from tests.conftest import REPO
+from tests.conftest import REPO, load_smoke_config
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory):
+def records(tmp_path_factory, compile_cache):
     """Every record of a 6-round smoke run (PBT every 2 rounds, a rollback-free guard)."""
-    config = load_config(REPO / "configs" / "smoke.toml")
+    config = load_smoke_config(compile_cache)
     collected: list[ev.Event] = []
     trainer = Trainer(config, tmp_path_factory.mktemp("run"), report=collected.append)
     state = trainer.begin(None)

@@ -76,7 +76,7 @@ import jax, numpy as np
 from pathlib import Path
 from selfloop.config import load_config
 from selfloop.master.trainer import Trainer
-config = load_config("configs/smoke.toml")
+config = load_config("configs/smoke.toml", (f"farm.compile_cache={sys.argv[2]!r}",))
 trainer = Trainer(config, Path(sys.argv[1]), report=lambda record: None)
 state = trainer.new_state()
 before = [m.theta for m in state.members]
@@ -92,9 +92,10 @@ print("MOVED", moved)
 """
 
 
-def test_rounds_and_pbt_run_with_optax_unimportable(tmp_path):
+def test_rounds_and_pbt_run_with_optax_unimportable(tmp_path, compile_cache):
     result = subprocess.run(
-        [sys.executable, "-c", BLOCKED_RUN, str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", BLOCKED_RUN, str(tmp_path), compile_cache],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MOVED 4" in result.stdout  # every member's θ changed
