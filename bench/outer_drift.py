@@ -22,7 +22,16 @@ history (zero momenta and second moments; the run's step count, so the time
 features match): what the outer optimizer does with no signal by itself,
 apart from the momentum it carries from the meta-gradients it was given.
 
+``--clocks 0,300,1000,2000,10000`` asks instead how long a step each member's
+outer optimizer proposes under the noise feed when its outer state's step count
+(the clock its time features read) is set to each value: the step-length
+schedule it learned on inner problems, as it applies to the outer problem. It
+prints one row per member (the proposal ‖Δθ‖/‖θ‖ times the outer step
+multiplier, before the rail and the member's PBT step scale, averaged over
+``--trials`` draws) and evaluates nothing.
+
     python bench/outer_drift.py checkpoints/default --steps 220 --controls 4
+    python bench/outer_drift.py checkpoints/default --clocks 0,100,300,1000,2000,3000,10000
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from selfloop.evaluation.heldout import adam_reference, evaluate_members
 from selfloop.farm.engines import LocalFarm
@@ -80,6 +90,38 @@ def fresh_outer_state(lopt, theta, kept_state):
     return lopt.init_state(theta)._replace(step=kept_state.step)
 
 
+def proposals_by_clock(config, state, clocks: list[int], trials: int, seed: int) -> np.ndarray:
+    """[member, clock]: the mean ‖Δθ‖/‖θ‖ (times the outer step multiplier)
+    that the member's outer optimizer proposes for one noise-fed step from
+    its kept outer state, with that state's clock set to each of ``clocks``."""
+    step_fn = outer_step_fn(make_lopt(config.lopt))
+    settings = outer_settings(config)._replace(max_step_ratio=jnp.float32(0.0), time_limit=jnp.int32(0))
+    key = jax.random.PRNGKey(seed)
+    proposals = np.zeros((len(state.members), len(clocks)))
+    for i, member in enumerate(state.members):
+        outer_theta = state.members[member.outer_index].theta
+        scales = noise_scales(member.outer_state, member.theta)
+        for _ in range(trials):
+            key, sub = jax.random.split(key)
+            gradient = feed("noise", member.theta, scales, sub)
+            for j, clock in enumerate(clocks):
+                outer_state = member.outer_state._replace(step=jnp.int32(clock))
+                out = step_fn(outer_theta, member.theta, gradient, outer_state, jnp.float32(0.5),
+                              jnp.float32(1.0), settings)
+                proposals[i, j] += float(out.step_ratio) / trials
+    return proposals
+
+
+def print_clock_table(state, clocks: list[int], proposals: np.ndarray) -> None:
+    print("| member | its clock | PBT step scale | " + " | ".join(f"clock {c}" for c in clocks) + " |")
+    print("|---" * (3 + len(clocks)) + "|")
+    for i, (member, row) in enumerate(zip(state.members, proposals)):
+        cells = " | ".join(f"{100 * r:.3f} %" for r in row)
+        print(f"| m{i} | {int(member.outer_state.step)} | {member.step_scale:.2f} | {cells} |")
+    medians = " | ".join(f"**{100 * r:.3f} %**" for r in np.median(proposals, axis=0))
+    print(f"| median | | | {medians} |")
+
+
 def random_walk(theta, distance: float, seed: int):
     """θ moved by ``distance`` in a uniformly random direction."""
     leaves, treedef = jax.tree_util.tree_flatten(theta)
@@ -98,12 +140,20 @@ def main() -> None:
     parser.add_argument("--outer-state", choices=("run", "fresh"), default="run",
                         help="the outer state the run kept, or one with no history")
     parser.add_argument("--cache", default="checkpoints/jax_cache")
+    parser.add_argument("--clocks", default="", help="comma-separated outer step counts: the schedule table only")
+    parser.add_argument("--trials", type=int, default=4, help="noise draws per member (--clocks)")
     args = parser.parse_args()
     paths = list_checkpoints(args.run_dir)
     if not paths:
         raise SystemExit(f"{args.run_dir}: no checkpoint-*.h5")
     config = saved_config(paths[0])
     state = read_checkpoint(paths[0], config)
+    if args.clocks:
+        clocks = [int(c) for c in args.clocks.split(",")]
+        print(f"{paths[0]}: outer step multiplier {config.population.outer_step_mult}, "
+              f"clock clamped at {outer_settings(config).time_limit} in a run; {args.trials} noise draws")
+        print_clock_table(state, clocks, proposals_by_clock(config, state, clocks, args.trials, args.seed))
+        return
     if state.champion is None:
         raise SystemExit(f"{paths[0]}: no PBT champion yet")
     champion = state.champion
