@@ -47,7 +47,7 @@ from selfloop.evaluation.heldout import adam_reference, evaluate_members
 from selfloop.farm.engines import LocalFarm
 from selfloop.lopt import make_lopt
 from selfloop.lopt.base import tree_l2_norm
-from selfloop.master.population import outer_settings, outer_step_fn
+from selfloop.master.population import outer_settings, outer_step_fn, outer_time_limit
 from selfloop.store.checkpoint import list_checkpoints, read_checkpoint, saved_config
 from selfloop.tasks.sampler import heldout_tasks
 
@@ -151,7 +151,7 @@ def main() -> None:
     if args.clocks:
         clocks = [int(c) for c in args.clocks.split(",")]
         print(f"{paths[0]}: outer step multiplier {config.population.outer_step_mult}, "
-              f"clock clamped at {outer_settings(config).time_limit} in a run; {args.trials} noise draws")
+              f"clock clamped at {outer_time_limit(config)} in a run; {args.trials} noise draws")
         print_clock_table(state, clocks, proposals_by_clock(config, state, clocks, args.trials, args.seed))
         return
     if state.champion is None:
