@@ -32,17 +32,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from selfloop.config import load_config
 from selfloop.estimators import estimate_gradient, needs_reset, new_slot
 from selfloop.farm.engines import LocalFarm
 from selfloop.farm.units import slot_task
 from selfloop.lopt import make_lopt
 from selfloop.master.population import context_for
 from selfloop.store.checkpoint import list_checkpoints, read_checkpoint, saved_config
+from selfloop.store.optimizer import load_theta
 
 
 def task_gradient(context, theta, truncation: int, segments: int, task_index: int) -> np.ndarray:
@@ -83,7 +86,9 @@ def batch_for_half(cos_independent: float, batch: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dir", type=Path, nargs="?", help="a run: its champion θ and its config")
+    parser.add_argument("--optimizer", type=Path,
+                        help="an exported optimizer file instead of a run: its θ, the default config")
     parser.add_argument("--tasks", type=int, default=64, help="fresh tasks (estimates) per setting")
     parser.add_argument("--segments", type=int, default=3)
     parser.add_argument("--truncations", default="40")
@@ -92,16 +97,24 @@ def main() -> None:
     parser.add_argument("--random-theta", action="store_true", help="a random initialization instead of the champion")
     parser.add_argument("--cache", default="checkpoints/jax_cache")
     args = parser.parse_args()
-    path = list_checkpoints(args.run_dir)[0]
-    config = saved_config(path)
-    state = read_checkpoint(path, config)
-    theta = make_lopt(config.lopt).init_theta(jax.random.PRNGKey(123)) if args.random_theta else state.champion.theta
+    if (args.run_dir is None) == (args.optimizer is None):
+        parser.error("give a run directory or --optimizer FILE")
+    if args.optimizer is not None:
+        path = args.optimizer
+        lopt_config, champion = load_theta(path)
+        config = dataclasses.replace(load_config(None), lopt=lopt_config)
+    else:
+        path = list_checkpoints(args.run_dir)[0]
+        config = saved_config(path)
+        champion = read_checkpoint(path, config).champion.theta
+    theta = make_lopt(config.lopt).init_theta(jax.random.PRNGKey(123)) if args.random_theta else champion
     theta = jax.tree_util.tree_map(np.asarray, theta)
-    print(f"{path}: {'random θ' if args.random_theta else 'champion θ'}, lopt {config.lopt.features}"
+    print(f"{path}: {'random θ' if args.random_theta else 'trained θ'}, lopt {config.lopt.features}"
           f"{' odd' if config.lopt.odd else ''}; {args.tasks} fresh tasks per setting, estimate of segment "
           f"{args.segments}")
-    print("| kind | K | P | B (tasks/step) | pairs/step | cos(indep) | cos(ref) | B for cos 0.5 | cos(indep), unit |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| kind | K | P | B (tasks/step) | pairs/step | cos(indep) | cos(ref) | B for cos 0.5 | cos(indep), unit "
+          "| s per task |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     farm = LocalFarm(cache_root=args.cache)
     farm.wait_ready()
     try:
@@ -111,7 +124,9 @@ def main() -> None:
                     estimator = dataclasses.replace(config.estimator, kind=kind, pairs=pairs)
                     context = dataclasses.replace(context_for(config), estimator=estimator)
                     fn = functools.partial(task_gradient, context, theta, truncation, args.segments)
+                    start = time.perf_counter()
                     gradients = np.stack(farm.map(fn, list(range(args.tasks))))
+                    seconds = time.perf_counter() - start
                     unit = gradients / np.maximum(np.linalg.norm(gradients, axis=1, keepdims=True), 1e-30)
                     for batch in (1, 2, 4, 8, 16):
                         if 2 * batch > len(gradients):
@@ -119,7 +134,8 @@ def main() -> None:
                         independent, reference = agreement(gradients, batch)
                         print(f"| {kind} | {truncation} | {pairs} | {batch} | {batch * pairs} | {independent:.3f} | "
                               f"{reference:.3f} | {batch_for_half(independent, batch):.0f} | "
-                              f"{agreement(unit, batch)[0]:.3f} |", flush=True)
+                              f"{agreement(unit, batch)[0]:.3f} | "
+                              f"{seconds / args.tasks:.2f} |", flush=True)
     finally:
         farm.close()
 

@@ -183,7 +183,7 @@ class LOptConfig:
 
 @dataclass(frozen=True)
 class EstimatorConfig:
-    kind: str = one_of(("es", "pes"), "es")
+    kind: str = one_of(("es", "pes", "grad"), "es")
     pairs: int = positive(4)  # antithetic pairs per unit: 8 unrolls under one vmap
     std: float = positive(0.01)
     chunk: int = positive(10)  # inner steps per compiled call; divides every truncation: one compiled length

@@ -8,6 +8,17 @@
   evolution strategies"). Every ± particle keeps its own state across
   segments and an accumulator A_p of its past perturbations in this episode;
   ĝ = mean_p (L⁺_p − L⁻_p)·(A_p + ε_p)/(2σ²); A resets with the episode.
+- "grad": truncated backpropagation: ĝ = dL/dθ of the segment's meta-loss
+  through its K inner steps (second-order terms included), from the carried
+  state, as the truncated gradient of Metz et al. 2019 ("Understanding and
+  correcting pathologies in the training of learned optimizers"). No
+  perturbation, so no noise that grows with θ's dimension: two ES estimates
+  of P pairs agree at best with cosine P/|θ| even where every task agreed;
+  its price is the truncation's bias and gradients that can grow with K
+  where the inner dynamics are chaotic. A non-finite gradient is dropped
+  (zeros). With ``estimator.standardize`` each task's gradient is scaled to
+  unit length: near chaos a few tasks' gradients are orders of magnitude
+  longer than the rest and would otherwise be the whole meta-batch.
 
 L± is the mean over the segment of ℓ(t)/ℓ_init clipped to [0, clip]: a
 non-finite inner loss becomes the clip value, never a NaN gradient. With
@@ -166,6 +177,8 @@ def estimate_gradient(
     program = task_program(spec.family, spec.bucket, as_inner_optimizer(lopt))
     # Fresh buffers: the unroll donates its inputs, and the caller's slot must
     # stay valid so that a retried unit computes the same result.
+    if config.kind == "grad":
+        return _backpropagated_gradient(program, theta, spec, slot, truncation, config)
     if config.kind == "es":
         inners = _first_particle_everywhere(slot.inners, 2 * config.pairs)
     else:
@@ -193,3 +206,51 @@ def estimate_gradient(
         inners = _first_particle_only(inners)  # the + particle of pair 0 carries on
     new_slot_state = SlotState(episode=episode, inners=inners, accumulator=accumulator)
     return GradientEstimate(gradient, float(meta_loss.mean()), new_slot_state)
+
+
+_copy = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree))
+_batch_of_one = jax.jit(lambda tree: jax.tree_util.tree_map(lambda x: x[None], tree))
+
+
+@jax.jit
+def _finite_or_zeros(tree: Any) -> Any:
+    finite = tree_all_finite(tree)
+    return jax.tree_util.tree_map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), tree)
+
+
+@jax.jit
+def _unit_length(tree: Any) -> Any:
+    """``tree`` / its L2 norm (zeros stay zeros), computed on tree / max|tree| so
+    that a gradient beyond float32's range of squares keeps its direction."""
+    peak = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree_util.tree_leaves(tree)]))
+    scaled = jax.tree_util.tree_map(lambda x: x / jnp.where(peak > 0, peak, 1.0), tree)
+    norm = tree_l2_norm(scaled)
+    return jax.tree_util.tree_map(lambda x: x / jnp.where(norm > 0, norm, 1.0), scaled)
+
+
+def _backpropagated_gradient(program, theta: Any, spec: TaskSpec, slot: SlotState, truncation: int,
+                             config: EstimatorConfig) -> GradientEstimate:
+    """``estimator.kind = "grad"``: forward through the segment chunk by chunk,
+    keeping each chunk's starting state, then reverse mode chunk by chunk from
+    the last one, the state's cotangent carried back across chunk boundaries."""
+    hypers = _batch_of_one(theta)
+    inners, episode = slot.inners, slot.episode
+    boundaries = []
+    meta_loss_sum = 0.0
+    init_loss = float(episode.init_loss)
+    for _ in range(truncation // config.chunk):
+        boundaries.append((_copy(inners), episode))
+        inners, episode, losses = program.advance(spec, hypers, _copy(inners), episode, config.chunk)
+        meta_loss_sum += float(ratio_to_initial(np.asarray(losses), init_loss, config.meta_loss_clip).sum())
+    cotangent = [jnp.zeros_like(x) for x in jax.tree_util.tree_leaves(inners)
+                 if jnp.issubdtype(x.dtype, jnp.inexact)]
+    gradient = jax.tree_util.tree_map(jnp.zeros_like, theta)
+    for start_inners, start_episode in reversed(boundaries):
+        d_theta, cotangent = program.advance_vjp(spec, theta, start_inners, start_episode, config.chunk,
+                                                 config.meta_loss_clip, 1.0 / truncation, cotangent)
+        gradient = _tree_add(gradient, d_theta)
+    gradient = _finite_or_zeros(gradient)
+    if config.standardize:
+        gradient = _unit_length(gradient)
+    new_slot_state = SlotState(episode=episode, inners=inners, accumulator=slot.accumulator)
+    return GradientEstimate(gradient, meta_loss_sum / truncation, new_slot_state)

@@ -23,6 +23,7 @@ import numpy as np
 
 from selfloop.tasks import TASK_FAMILIES
 from selfloop.tasks.base import TaskSpec
+from selfloop.tasks.normalize import differentiable_ratio
 
 
 class InnerOptimizer(NamedTuple):
@@ -74,6 +75,7 @@ class TaskProgram:
             self.data = jax.tree_util.tree_map(jnp.asarray, family.dataset(bucket))
         self._start = jax.jit(self._start_impl)
         self._advance = jax.jit(self._advance_impl, static_argnums=(0,), donate_argnums=(2,))
+        self._advance_vjp = jax.jit(self._advance_vjp_impl, static_argnums=(0,))
 
     def _loss(self, dyn, data, consts, params, key):
         return self.family.loss(self.bucket, dyn, data, consts, params, key)
@@ -108,6 +110,30 @@ class TaskProgram:
         (inners, step_index), losses = jax.lax.scan(step, (inners, episode.step), None, length=num_steps)
         return inners, episode._replace(step=step_index), losses
 
+    def _advance_vjp_impl(self, num_steps, hyper, inners, episode, seed, dyn, data, clip, weight, cotangent):
+        """Pull ``cotangent`` (of the inner state's floating leaves after the
+        chunk) and the gradient of weight·Σ_t ratio_to_initial(ℓ_t) back through the chunk:
+        d/d hyper and d/d(floating leaves of the state before it). Reverse mode
+        one chunk at a time, so a truncation of any length backpropagates
+        through one compiled chunk length with the state of every chunk
+        boundary the only memory it keeps."""
+        leaves, treedef = jax.tree_util.tree_flatten(inners)
+        floating = [jnp.issubdtype(x.dtype, jnp.inexact) for x in leaves]
+
+        def chunk(hyper, floats):
+            pending = iter(floats)
+            merged = [next(pending) if is_float else x for x, is_float in zip(leaves, floating)]
+            batched = jax.tree_util.tree_map(lambda x: x[None], hyper)
+            out, _, losses = self._advance_impl(num_steps, batched, jax.tree_util.tree_unflatten(treedef, merged),
+                                                episode, seed, dyn, data)
+            out_floats = [x for x, is_float in zip(jax.tree_util.tree_leaves(out), floating) if is_float]
+            return out_floats, weight * jnp.sum(differentiable_ratio(losses, episode.init_loss, clip))
+
+        floats = [x for x, is_float in zip(leaves, floating) if is_float]
+        (_, meta_loss), pull_back = jax.vjp(chunk, hyper, floats)
+        d_hyper, d_floats = pull_back((cotangent, jnp.ones_like(meta_loss)))
+        return d_hyper, d_floats
+
     def start(self, spec: TaskSpec, episode: int, horizon: tuple[float, float] = (1.0, 2.0)):
         """A fresh episode of ``spec``: its ``Episode`` and one unbatched ``InnerState``."""
         return self._start(
@@ -130,6 +156,16 @@ class TaskProgram:
           before its t-th step of this call.
         """
         return self._advance(num_steps, hypers, inners, episode, np.int32(spec.seed), spec.dynamic_arrays(), self.data)
+
+
+    def advance_vjp(self, spec: TaskSpec, hyper, inners: InnerState, episode: Episode, num_steps: int,
+                    clip: float, weight: float, cotangent: list):
+        """The vector-Jacobian product of ``advance`` for one member (``inners``
+        with a batch axis of 1, ``hyper`` without one) and the meta-loss
+        weight·Σ_t ratio_to_initial(ℓ_t) of its steps; see ``_advance_vjp_impl``.
+        Returns (d/d hyper, cotangent of the floating leaves of ``inners``)."""
+        return self._advance_vjp(num_steps, hyper, inners, episode, np.int32(spec.seed), spec.dynamic_arrays(),
+                                 self.data, np.float32(clip), np.float32(weight), cotangent)
 
 
 @functools.cache

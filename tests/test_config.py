@@ -64,7 +64,7 @@ def test_paper_config_has_the_papers_sizes():
         ({"population": {"size": "ten"}}, "population.size: expected int"),
         ({"population": {"size": -3}}, "population.size: expected an integer >= 2"),
         ({"population": {"truncations": [200, 0]}}, "population.truncations: expected a non-empty list of positive"),
-        ({"estimator": {"kind": "adam"}}, "estimator.kind: expected one of ['es', 'pes']"),
+        ({"estimator": {"kind": "adam"}}, "estimator.kind: expected one of ['es', 'pes', 'grad']"),
         ({"pbt": {"p_outer_redraw": 1.5}}, "pbt.p_outer_redraw: expected a probability"),
         ({"estimator": {"std": float("inf")}}, "estimator.std: expected a finite positive number"),
         ({"run": {"max_minutes": float("nan")}}, "run.max_minutes: expected a finite number >= 0"),

@@ -75,6 +75,23 @@ def test_estimate_agrees_with_jax_grad(kind, pairs, segments):
     assert _cosine(estimate.gradient, exact) > 0.9
 
 
+def test_backpropagated_gradient_is_jax_grad_across_chunks():
+    """kind "grad" over a truncation of two chunks is the gradient of the
+    segment's meta-loss: the state's cotangent crosses the chunk boundary."""
+    lopt = make_lopt(LOPT_CONFIG)
+    theta = lopt.init_theta(jax.random.PRNGKey(0))
+    config = EstimatorConfig(kind="grad", chunk=10)
+    slot = new_slot(lopt, SPEC, theta, config, HORIZON)
+    estimate = estimate_gradient(lopt, theta, SPEC, slot, 20, config, HORIZON, jax.random.PRNGKey(10))
+    exact = jax.grad(lambda t: _reference_meta_loss(lopt, t, 0, 20))(theta)
+    np.testing.assert_allclose(estimate.meta_loss, float(_reference_meta_loss(lopt, theta, 0, 20)), rtol=1e-5)
+    assert _cosine(estimate.gradient, exact) > 0.999
+    np.testing.assert_allclose(np.linalg.norm(_flat(estimate.gradient)), np.linalg.norm(_flat(exact)), rtol=1e-3)
+    one_chunk = estimate_gradient(lopt, theta, SPEC, slot, 20, dataclasses.replace(config, chunk=20), HORIZON,
+                                  jax.random.PRNGKey(10))
+    assert _cosine(one_chunk.gradient, estimate.gradient) > 0.9999
+
+
 def test_pes_needs_its_accumulator():
     """Same PES segment without the accumulator (i.e. truncated ES from PES
     states) agrees less with the full gradient: the accumulator carries the

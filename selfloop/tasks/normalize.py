@@ -10,6 +10,8 @@ PBT compares: ℓ/ℓ_init clipped to [0, clip], non-finite -> clip.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 CLIP = 1.5
@@ -34,3 +36,12 @@ def ratio_to_initial(losses: np.ndarray, init_loss: np.ndarray, clip: float = CL
         ratio = losses / denominator
     ratio = np.where(np.isfinite(ratio), ratio, clip)
     return np.clip(ratio, 0.0, clip)
+
+
+def differentiable_ratio(losses: jax.Array, init_loss: jax.Array, clip: float = CLIP) -> jax.Array:
+    """``ratio_to_initial`` in JAX, for backpropagating through an unroll: a
+    non-finite loss gives the clip value and no gradient (masked before the
+    division, so that no NaN reaches the gradient of the finite ones)."""
+    finite = jnp.isfinite(losses)
+    ratio = jnp.where(finite, losses, 0.0) / jnp.maximum(init_loss, 1e-12)
+    return jnp.clip(jnp.where(finite, ratio, clip), 0.0, clip)
