@@ -18,13 +18,23 @@ For each setting it prints, over disjoint meta-batches:
   implies at that B (cos = 1 / (1 + r/B));
 - ``cos(indep), unit``: as cos(indep), with every task's estimate scaled to
   unit length before the meta-batch averages them, so that no single task's
-  scale dominates the step.
+  scale dominates the step;
+- and before those rows, from all pairs of distinct tasks at once (far less
+  noisy than the few pairs of disjoint batches): m, the mean cosine between
+  two tasks' unit estimates (± its jackknife standard error over tasks), and
+  the agreement B·m / (1 + (B − 1)·m) it implies for meta-batches of 2 (the
+  default's tasks per member) and 8.
+
+``--kinds grad`` measures the backpropagated gradient (P does not apply;
+its estimates are unit length already). ``--optimizer FILE`` takes θ from
+an exported optimizer instead of a run's champion.
 
 For random directions in θ's dimension n (1,890 for the default MLP lopt,
 1,762 without adaptive features) a cosine has a standard deviation of about
 1/sqrt(n) = 0.023-0.024: values within that of 0 mean no signal was detected.
 
     python bench/metagrad.py checkpoints/default --tasks 64
+    python bench/metagrad.py --optimizer selfloop/pretrained/default.h5 --kinds grad,es --truncations 20
 """
 
 from __future__ import annotations
@@ -75,6 +85,24 @@ def agreement(gradients: np.ndarray, batch: int) -> tuple[float, float]:
     independent = [cosine(batches[i], batches[i + 1]) for i in range(0, len(batches) - 1, 2)]
     to_reference = [cosine(b, (total - b * batch) / (len(gradients) - batch)) for b in batches]
     return float(np.mean(independent)), float(np.mean(to_reference))
+
+
+def pairwise_agreement(unit: np.ndarray) -> tuple[float, float]:
+    """m, the mean cosine over all pairs of distinct tasks (rows of unit length),
+    and its jackknife standard error over tasks. m estimates ‖E u‖², so a
+    meta-batch of B unit estimates agrees with an independent one at about
+    B·m / (1 + (B − 1)·m): one number from all n(n−1)/2 pairs, where
+    ``agreement`` has only n/(2B) pairs of batches."""
+    n = len(unit)
+    total = unit.sum(axis=0)
+    mean = (total @ total - n) / (n * (n - 1))
+    leave_one_out = [((total - u) @ (total - u) - (n - 1)) / ((n - 1) * (n - 2)) for u in unit]
+    spread = np.asarray(leave_one_out) - np.mean(leave_one_out)
+    return float(mean), float(np.sqrt((n - 1) / n * np.sum(spread**2)))
+
+
+def batch_agreement(pairwise: float, batch: int) -> float:
+    return batch * pairwise / (1.0 + (batch - 1) * pairwise)
 
 
 def batch_for_half(cos_independent: float, batch: int) -> float:
@@ -128,6 +156,10 @@ def main() -> None:
                     gradients = np.stack(farm.map(fn, list(range(args.tasks))))
                     seconds = time.perf_counter() - start
                     unit = gradients / np.maximum(np.linalg.norm(gradients, axis=1, keepdims=True), 1e-30)
+                    pairwise, error = pairwise_agreement(unit)
+                    print(f"| {kind} | {truncation} | {pairs} | all pairs, unit: m = {pairwise:.4f} ± {error:.4f} "
+                          f"| B = 2: {batch_agreement(pairwise, 2):.3f} | B = 8: {batch_agreement(pairwise, 8):.3f} "
+                          f"| | | | |", flush=True)
                     for batch in (1, 2, 4, 8, 16):
                         if 2 * batch > len(gradients):
                             break

@@ -183,8 +183,14 @@ class LOptConfig:
 
 @dataclass(frozen=True)
 class EstimatorConfig:
+    # "es" / "pes": antithetic perturbations of θ; "grad": backpropagation
+    # through the truncation (selfloop/estimators.py). Two ES estimates of P
+    # pairs can agree at best with cosine P/|θ|, the pair count over θ's
+    # ~1,900 dimensions, whatever the tasks; a backpropagated gradient has
+    # no such floor, and its estimates (each task's gradient at unit length)
+    # agree far above it (BENCHMARKS.md).
     kind: str = one_of(("es", "pes", "grad"), "es")
-    pairs: int = positive(4)  # antithetic pairs per unit: 8 unrolls under one vmap
+    pairs: int = positive(4)  # ES/PES: antithetic pairs per unit, 2P unrolls under one vmap
     std: float = positive(0.01)
     chunk: int = positive(10)  # inner steps per compiled call; divides every truncation: one compiled length
     meta_loss_clip: float = positive(1.5)
@@ -195,9 +201,10 @@ class EstimatorConfig:
     # task is replaced), so unscaled estimates jump in size with the tasks
     # drawn, and the outer optimizer, reading ĝ against its running scale,
     # takes those jumps for signal. (The held-out score also weighs every
-    # task alike, after normalizing it by how far it can fall.) Off by
-    # default: it leaves the step rail idle, but the outer steps it gives
-    # are twice as long and the best member stalls higher (BENCHMARKS.md).
+    # task alike, after normalizing it by how far it can fall.) With ES it
+    # leaves the step rail idle, but the outer steps it gives are twice as
+    # long and the best member stalls higher (BENCHMARKS.md). ES and PES
+    # only: "grad" always scales each task's gradient to unit length.
     standardize: bool = False
     # Shorten each work unit's estimate to at most this many times the median
     # length of the round's estimates (0: never). A task that reacts to θ far

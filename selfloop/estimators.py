@@ -15,15 +15,17 @@
   perturbation, so no noise that grows with θ's dimension: two ES estimates
   of P pairs agree at best with cosine P/|θ| even where every task agreed;
   its price is the truncation's bias and gradients that can grow with K
-  where the inner dynamics are chaotic. A non-finite gradient is dropped
-  (zeros). With ``estimator.standardize`` each task's gradient is scaled to
+  where the inner dynamics are chaotic. Each task's gradient is scaled to
   unit length: near chaos a few tasks' gradients are orders of magnitude
-  longer than the rest and would otherwise be the whole meta-batch.
+  longer than the rest (beyond float32's range of squares at K = 80) and
+  would otherwise be the whole meta-batch. A non-finite gradient is dropped
+  (zeros).
 
 L± is the mean over the segment of ℓ(t)/ℓ_init clipped to [0, clip]: a
 non-finite inner loss becomes the clip value, never a NaN gradient. With
-``estimator.standardize`` the differences L⁺_p − L⁻_p are divided by their
-RMS over the pairs: one task's estimate has the same size whatever the task.
+``estimator.standardize`` (ES and PES) the differences L⁺_p − L⁻_p are divided
+by their RMS over the pairs: one task's estimate has the same size whatever
+the task.
 With ``estimator.outlier_clip`` the master shortens a round's outlying
 estimates to a multiple of their median length (``clip_outliers``). Inner
 problems are replaced at a segment boundary once their sampled horizon has
@@ -144,6 +146,13 @@ def needs_reset(slot: SlotState) -> bool:
     return int(episode.step) >= int(episode.horizon) or not bool(_all_finite(slot.inners.params))
 
 
+def inner_steps_per_unit(config: EstimatorConfig, truncation: int) -> int:
+    """Inner training steps one work unit computes: every ES/PES particle runs
+    the truncation; "grad" runs it once forward and once more under the
+    vector-Jacobian product (whose backward pass this count leaves out)."""
+    return 2 * truncation if config.kind == "grad" else 2 * config.pairs * truncation
+
+
 def _carried_particles(config: EstimatorConfig) -> int:
     return 2 * config.pairs if config.kind == "pes" else 1
 
@@ -249,8 +258,6 @@ def _backpropagated_gradient(program, theta: Any, spec: TaskSpec, slot: SlotStat
         d_theta, cotangent = program.advance_vjp(spec, theta, start_inners, start_episode, config.chunk,
                                                  config.meta_loss_clip, 1.0 / truncation, cotangent)
         gradient = _tree_add(gradient, d_theta)
-    gradient = _finite_or_zeros(gradient)
-    if config.standardize:
-        gradient = _unit_length(gradient)
+    gradient = _unit_length(_finite_or_zeros(gradient))
     new_slot_state = SlotState(episode=episode, inners=inners, accumulator=slot.accumulator)
     return GradientEstimate(gradient, meta_loss_sum / truncation, new_slot_state)

@@ -5,7 +5,9 @@ An inner optimizer is any pair ``init_state(params)`` /
 weights θ) or the Adam baseline (``hyper`` = a learning rate). A program runs a
 *batch* of such optimizers side by side on one task (antithetic ES pairs,
 population members, Adam learning rates): inner steps under ``lax.scan``, the
-batch under ``vmap``, inner states donated.
+batch under ``vmap``, inner states donated. ``advance_vjp`` is the reverse
+mode of one chunk of ``advance`` for one learned optimizer, which the "grad"
+estimator chains backwards over a truncation.
 
 Randomness is a pure function of (task seed, episode, step): every member of a
 batch sees the same data, and a segment can be replayed bit for bit.

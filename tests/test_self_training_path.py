@@ -111,7 +111,7 @@ def test_theta_changes_only_through_the_outer_lopt(smoke_config, tmp_path):
     state = RunState(members=init_population(config))
     snapshot = [(m.theta, m.outer_state, m.outer_index) for m in state.members]
     results = [run_unit(trainer.context, unit) for unit in make_units(state)]
-    gradients = absorb_results(state, results, config.estimator.pairs)
+    gradients = absorb_results(state, results, config.estimator)
     apply_outer_steps(state.members, gradients, trainer.lopt, outer_settings(config))
     update = jax.jit(trainer.lopt.update)
     step_mult = config.population.outer_step_mult  # the outer role's step size, a constant of the run

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from selfloop import events
-from selfloop.config import Config, config_to_dict
-from selfloop.estimators import clip_outliers
+from selfloop.config import Config, EstimatorConfig, config_to_dict
+from selfloop.estimators import clip_outliers, inner_steps_per_unit
 from selfloop.evaluation.heldout import EvaluationFailed, adam_reference, evaluate_members
 from selfloop.events import EventLog, Report
 from selfloop.farm.engines import InProcessFarm, Interrupted, UnitFailure, reporting_progress
@@ -66,7 +66,7 @@ def make_units(state: RunState) -> list[WorkUnit]:
     ]
 
 
-def absorb_results(state: RunState, results: Iterable[UnitResult], pairs: int) -> dict[int, list]:
+def absorb_results(state: RunState, results: Iterable[UnitResult], estimator: EstimatorConfig) -> dict[int, list]:
     """Store advanced inner states; return meta-gradients grouped by member."""
     gradients: dict[int, list] = {}
     losses: dict[int, list[float]] = {}
@@ -75,7 +75,7 @@ def absorb_results(state: RunState, results: Iterable[UnitResult], pairs: int) -
         slot.spec, slot.state = result.spec, result.state
         gradients.setdefault(result.member, []).append(result.gradient)
         losses.setdefault(result.member, []).append(result.meta_loss)
-        state.inner_steps += 2 * pairs * state.members[result.member].truncation
+        state.inner_steps += inner_steps_per_unit(estimator, state.members[result.member].truncation)
     for i, values in losses.items():
         state.members[i].meta_loss = float(np.mean(values))
     return gradients
@@ -275,7 +275,7 @@ class Trainer:
 
     def run_round(self, state: RunState) -> None:
         results = self._run_units(state)
-        gradients = absorb_results(state, results, self.config.estimator.pairs)
+        gradients = absorb_results(state, results, self.config.estimator)
         if self.config.guard.rollback:
             self._guard(state, gradients)
         gradients, clipped = clip_outliers(gradients, self.config.estimator.outlier_clip)
