@@ -184,10 +184,10 @@ def estimate_gradient(
     if truncation % config.chunk:
         raise ValueError(f"truncation {truncation} is not a multiple of estimator.chunk={config.chunk}")
     program = task_program(spec.family, spec.bucket, as_inner_optimizer(lopt))
-    # Fresh buffers: the unroll donates its inputs, and the caller's slot must
-    # stay valid so that a retried unit computes the same result.
     if config.kind == "grad":
         return _backpropagated_gradient(program, theta, spec, slot, truncation, config)
+    # Fresh buffers: the unroll donates its inputs, and the caller's slot must
+    # stay valid so that a retried unit computes the same result.
     if config.kind == "es":
         inners = _first_particle_everywhere(slot.inners, 2 * config.pairs)
     else:
@@ -248,7 +248,9 @@ def _backpropagated_gradient(program, theta: Any, spec: TaskSpec, slot: SlotStat
     meta_loss_sum = 0.0
     init_loss = float(episode.init_loss)
     for _ in range(truncation // config.chunk):
-        boundaries.append((_copy(inners), episode))
+        # The unroll donates a copy: this chunk's starting state (the
+        # caller's slot for the first) stays valid for the reverse pass.
+        boundaries.append((inners, episode))
         inners, episode, losses = program.advance(spec, hypers, _copy(inners), episode, config.chunk)
         meta_loss_sum += float(ratio_to_initial(np.asarray(losses), init_loss, config.meta_loss_clip).sum())
     cotangent = [jnp.zeros_like(x) for x in jax.tree_util.tree_leaves(inners)

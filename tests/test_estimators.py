@@ -160,7 +160,8 @@ def test_non_finite_inner_loss_gives_finite_gradient(kind):
 
 @pytest.mark.parametrize("kind", ["es", "grad"])
 def test_same_key_same_estimate(kind):
-    """Units are replayable: the same inputs give bit-identical results."""
+    """Units are replayable: the same inputs give bit-identical results, and a
+    retried unit can start again from the slot it was given (not donated)."""
     lopt = make_lopt(LOPT_CONFIG)
     theta = lopt.init_theta(jax.random.PRNGKey(0))
     config = EstimatorConfig(kind=kind, pairs=4, chunk=10)
@@ -168,7 +169,9 @@ def test_same_key_same_estimate(kind):
     for _ in range(2):
         slot = new_slot(lopt, SPEC, theta, config, HORIZON)
         results.append(estimate_gradient(lopt, theta, SPEC, slot, 20, config, HORIZON, jax.random.PRNGKey(3)))
+    retried = estimate_gradient(lopt, theta, SPEC, slot, 20, config, HORIZON, jax.random.PRNGKey(3))
     np.testing.assert_array_equal(_flat(results[0].gradient), _flat(results[1].gradient))
+    np.testing.assert_array_equal(_flat(retried.gradient), _flat(results[1].gradient))
     assert isinstance(results[0].slot, SlotState)
 
 
