@@ -217,10 +217,6 @@ def estimate_gradient(
     return GradientEstimate(gradient, float(meta_loss.mean()), new_slot_state)
 
 
-_copy = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree))
-_batch_of_one = jax.jit(lambda tree: jax.tree_util.tree_map(lambda x: x[None], tree))
-
-
 @jax.jit
 def _finite_or_zeros(tree: Any) -> Any:
     finite = tree_all_finite(tree)
@@ -242,7 +238,7 @@ def _backpropagated_gradient(program, theta: Any, spec: TaskSpec, slot: SlotStat
     """``estimator.kind = "grad"``: forward through the segment chunk by chunk,
     keeping each chunk's starting state, then reverse mode chunk by chunk from
     the last one, the state's cotangent carried back across chunk boundaries."""
-    hypers = _batch_of_one(theta)
+    hypers = broadcast_batch(theta, 1)
     inners, episode = slot.inners, slot.episode
     boundaries = []
     meta_loss_sum = 0.0
@@ -251,7 +247,8 @@ def _backpropagated_gradient(program, theta: Any, spec: TaskSpec, slot: SlotStat
         # The unroll donates a copy: this chunk's starting state (the
         # caller's slot for the first) stays valid for the reverse pass.
         boundaries.append((inners, episode))
-        inners, episode, losses = program.advance(spec, hypers, _copy(inners), episode, config.chunk)
+        donated = jax.tree_util.tree_map(jnp.array, inners)
+        inners, episode, losses = program.advance(spec, hypers, donated, episode, config.chunk)
         meta_loss_sum += float(ratio_to_initial(np.asarray(losses), init_loss, config.meta_loss_clip).sum())
     cotangent = [jnp.zeros_like(x) for x in jax.tree_util.tree_leaves(inners)
                  if jnp.issubdtype(x.dtype, jnp.inexact)]

@@ -159,7 +159,6 @@ class TaskProgram:
         """
         return self._advance(num_steps, hypers, inners, episode, np.int32(spec.seed), spec.dynamic_arrays(), self.data)
 
-
     def advance_vjp(self, spec: TaskSpec, hyper, inners: InnerState, episode: Episode, num_steps: int,
                     clip: float, weight: float, cotangent: list):
         """The vector-Jacobian product of ``advance`` for one member (``inners``
