@@ -27,7 +27,15 @@ For each setting it prints, over disjoint meta-batches:
 
 ``--kinds grad`` measures the backpropagated gradient (P does not apply;
 its estimates are unit length already). ``--optimizer FILE`` takes θ from
-an exported optimizer instead of a run's champion.
+an exported optimizer instead of a run's champion (in a run without one,
+``pbt.champion = false``, the member best at the last held-out
+evaluation). ``--segments 1,2,4``
+measures each episode position in turn (segment 1 starts at the task's
+initialization). ``--checkpoints N`` walks up to N of the run's kept
+checkpoints, oldest first, and prints only m for each, beside the best
+member's and the champion's held-out scores at the last evaluation before
+it: where along a run the tasks stop agreeing. The tasks are the same at
+every checkpoint.
 
 For random directions in θ's dimension n (1,890 for the default MLP lopt,
 1,762 without adaptive features) a cosine has a standard deviation of about
@@ -35,6 +43,7 @@ For random directions in θ's dimension n (1,890 for the default MLP lopt,
 
     python bench/metagrad.py checkpoints/default --tasks 64
     python bench/metagrad.py --optimizer selfloop/pretrained/default.h5 --kinds grad,es --truncations 20
+    python bench/metagrad.py RUN --kinds grad --truncations 20 --segments 1,3 --checkpoints 8 --tasks 48
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ import numpy as np
 
 from selfloop.config import load_config
 from selfloop.estimators import estimate_gradient, needs_reset, new_slot
+from selfloop.events import Eval, of_type, read_events
 from selfloop.farm.engines import LocalFarm
 from selfloop.farm.units import slot_task
 from selfloop.lopt import make_lopt
@@ -59,7 +69,7 @@ from selfloop.store.optimizer import load_theta
 
 
 def task_gradient(context, theta, truncation: int, segments: int, task_index: int) -> np.ndarray:
-    """The last of ``segments`` meta-gradient estimates on fresh task ``task_index``, flattened."""
+    """The ``segments``-th (the last) meta-gradient estimate on fresh task ``task_index``, flattened."""
     lopt = make_lopt(context.lopt)
     spec = slot_task(context, 10_000 + task_index, 0, 0)
     slot = new_slot(lopt, spec, theta, context.estimator, context.horizon)
@@ -112,62 +122,132 @@ def batch_for_half(cos_independent: float, batch: int) -> float:
     return batch * (1.0 / cos_independent - 1.0)
 
 
+def estimates(farm, config, theta, kind: str, truncation: int, pairs: int, segment: int,
+              tasks: int) -> tuple[np.ndarray, float]:
+    """One estimate per fresh task at ``theta``, and the seconds per task."""
+    estimator = dataclasses.replace(config.estimator, kind=kind, pairs=pairs)
+    context = dataclasses.replace(context_for(config), estimator=estimator)
+    fn = functools.partial(task_gradient, context, theta, truncation, segment)
+    start = time.perf_counter()
+    gradients = np.stack(farm.map(fn, list(range(tasks))))
+    return gradients, (time.perf_counter() - start) / tasks
+
+
+def unit_rows(gradients: np.ndarray) -> np.ndarray:
+    return gradients / np.maximum(np.linalg.norm(gradients, axis=1, keepdims=True), 1e-30)
+
+
+def settings(args) -> list[tuple[str, int, int, int]]:
+    """(kind, K, P, segment) for every combination the arguments name."""
+    return [(kind, truncation, pairs, segment)
+            for kind in args.kinds.split(",")
+            for truncation in map(int, args.truncations.split(","))
+            for pairs in map(int, args.pairs.split(","))
+            for segment in map(int, args.segments.split(","))]
+
+
+def agreement_table(farm, config, theta, args) -> None:
+    """m and the disjoint meta-batch agreements for every setting, at one θ."""
+    print("| kind | K | P | segment | B (tasks/step) | pairs/step | cos(indep) | cos(ref) | B for cos 0.5 "
+          "| cos(indep), unit | s per task |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for kind, truncation, pairs, segment in settings(args):
+        gradients, seconds = estimates(farm, config, theta, kind, truncation, pairs, segment, args.tasks)
+        unit = unit_rows(gradients)
+        pairwise, error = pairwise_agreement(unit)
+        head = f"| {kind} | {truncation} | {pairs} | {segment}"
+        print(f"{head} | all pairs, unit: m = {pairwise:.4f} ± {error:.4f} "
+              f"| B = 2: {batch_agreement(pairwise, 2):.3f} | B = 8: {batch_agreement(pairwise, 8):.3f} "
+              f"| | | | |", flush=True)
+        for batch in (1, 2, 4, 8, 16):
+            if 2 * batch > len(gradients):
+                break
+            independent, reference = agreement(gradients, batch)
+            print(f"{head} | {batch} | {batch * pairs} | {independent:.3f} | {reference:.3f} | "
+                  f"{batch_for_half(independent, batch):.0f} | {agreement(unit, batch)[0]:.3f} | "
+                  f"{seconds:.2f} |", flush=True)
+
+
+def spread(paths: list, count: int) -> list:
+    """Up to ``count`` of ``paths`` (newest first), evenly spaced, oldest first."""
+    oldest_first = paths[::-1]
+    picks = np.unique(np.linspace(0, len(oldest_first) - 1, min(count, len(oldest_first))).round().astype(int))
+    return [oldest_first[i] for i in picks]
+
+
+def measured_theta(state):
+    """The champion's θ; without one (``pbt.champion`` off), the member best at
+    the last held-out evaluation."""
+    if state.champion is not None:
+        return state.champion.theta
+    scored = [m for m in state.members if m.history]
+    return min(scored or state.members, key=lambda m: m.history[-1] if m.history else 0.0).theta
+
+
+def along_run(farm, run_dir: Path, count: int, args) -> None:
+    """m for every setting at the champion (or best member) of each of ``count`` kept checkpoints,
+    beside the last held-out evaluation at or before that round."""
+    evals = of_type(read_events(run_dir), Eval)
+    columns = settings(args)
+    print("| round | minute | best member held-out | champion held-out | "
+          + " | ".join(f"m: {kind} K = {k} segment {segment}" for kind, k, _, segment in columns) + " |")
+    print("|---|---|---|---|" + "---|" * len(columns))
+    for path in spread(list_checkpoints(run_dir), count):
+        config = saved_config(path)
+        state = read_checkpoint(path, config)
+        theta = jax.tree_util.tree_map(np.asarray, measured_theta(state))
+        before = [e for e in evals if e.round <= state.round]
+        seen = before[-1] if before else None
+        held = "- | - | -" if seen is None else (
+            f"{seen.elapsed / 60:.1f} | {seen.best:.3f} | "
+            + ("-" if seen.champion is None else f"{seen.champion:.3f}"))
+        cells = []
+        for kind, truncation, pairs, segment in columns:
+            gradients, _ = estimates(farm, config, theta, kind, truncation, pairs, segment, args.tasks)
+            cells.append("{:.4f} ± {:.4f}".format(*pairwise_agreement(unit_rows(gradients))))
+        print(f"| {state.round} | {held} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, nargs="?", help="a run: its champion θ and its config")
     parser.add_argument("--optimizer", type=Path,
                         help="an exported optimizer file instead of a run: its θ, the default config")
     parser.add_argument("--tasks", type=int, default=64, help="fresh tasks (estimates) per setting")
-    parser.add_argument("--segments", type=int, default=3)
+    parser.add_argument("--segments", default="3", help="episode positions, comma-separated (1: the first K steps)")
     parser.add_argument("--truncations", default="40")
     parser.add_argument("--pairs", default="4")
     parser.add_argument("--kinds", default="es")
     parser.add_argument("--random-theta", action="store_true", help="a random initialization instead of the champion")
+    parser.add_argument("--checkpoints", type=int, default=0,
+                        help="walk up to this many of the run's kept checkpoints (m only)")
     parser.add_argument("--cache", default="checkpoints/jax_cache")
     args = parser.parse_args()
     if (args.run_dir is None) == (args.optimizer is None):
         parser.error("give a run directory or --optimizer FILE")
-    if args.optimizer is not None:
-        path = args.optimizer
-        lopt_config, champion = load_theta(path)
-        config = dataclasses.replace(load_config(None), lopt=lopt_config)
-    else:
-        path = list_checkpoints(args.run_dir)[0]
-        config = saved_config(path)
-        champion = read_checkpoint(path, config).champion.theta
-    theta = make_lopt(config.lopt).init_theta(jax.random.PRNGKey(123)) if args.random_theta else champion
-    theta = jax.tree_util.tree_map(np.asarray, theta)
-    print(f"{path}: {'random θ' if args.random_theta else 'trained θ'}, lopt {config.lopt.features}"
-          f"{' odd' if config.lopt.odd else ''}; {args.tasks} fresh tasks per setting, estimate of segment "
-          f"{args.segments}")
-    print("| kind | K | P | B (tasks/step) | pairs/step | cos(indep) | cos(ref) | B for cos 0.5 | cos(indep), unit "
-          "| s per task |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    if args.checkpoints and args.run_dir is None:
+        parser.error("--checkpoints walks a run directory")
     farm = LocalFarm(cache_root=args.cache)
     farm.wait_ready()
     try:
-        for kind in args.kinds.split(","):
-            for truncation in map(int, args.truncations.split(",")):
-                for pairs in map(int, args.pairs.split(",")):
-                    estimator = dataclasses.replace(config.estimator, kind=kind, pairs=pairs)
-                    context = dataclasses.replace(context_for(config), estimator=estimator)
-                    fn = functools.partial(task_gradient, context, theta, truncation, args.segments)
-                    start = time.perf_counter()
-                    gradients = np.stack(farm.map(fn, list(range(args.tasks))))
-                    seconds = time.perf_counter() - start
-                    unit = gradients / np.maximum(np.linalg.norm(gradients, axis=1, keepdims=True), 1e-30)
-                    pairwise, error = pairwise_agreement(unit)
-                    print(f"| {kind} | {truncation} | {pairs} | all pairs, unit: m = {pairwise:.4f} ± {error:.4f} "
-                          f"| B = 2: {batch_agreement(pairwise, 2):.3f} | B = 8: {batch_agreement(pairwise, 8):.3f} "
-                          f"| | | | |", flush=True)
-                    for batch in (1, 2, 4, 8, 16):
-                        if 2 * batch > len(gradients):
-                            break
-                        independent, reference = agreement(gradients, batch)
-                        print(f"| {kind} | {truncation} | {pairs} | {batch} | {batch * pairs} | {independent:.3f} | "
-                              f"{reference:.3f} | {batch_for_half(independent, batch):.0f} | "
-                              f"{agreement(unit, batch)[0]:.3f} | "
-                              f"{seconds / args.tasks:.2f} |", flush=True)
+        if args.checkpoints:
+            print(f"{args.run_dir}: the champion (or best member) of each checkpoint; "
+                  f"{args.tasks} fresh tasks per setting")
+            along_run(farm, args.run_dir, args.checkpoints, args)
+            return
+        if args.optimizer is not None:
+            path = args.optimizer
+            lopt_config, champion = load_theta(path)
+            config = dataclasses.replace(load_config(None), lopt=lopt_config)
+        else:
+            path = list_checkpoints(args.run_dir)[0]
+            config = saved_config(path)
+            champion = measured_theta(read_checkpoint(path, config))
+        theta = make_lopt(config.lopt).init_theta(jax.random.PRNGKey(123)) if args.random_theta else champion
+        theta = jax.tree_util.tree_map(np.asarray, theta)
+        print(f"{path}: {'random θ' if args.random_theta else 'trained θ'}, lopt {config.lopt.features}"
+              f"{' odd' if config.lopt.odd else ''}; {args.tasks} fresh tasks per setting")
+        agreement_table(farm, config, theta, args)
     finally:
         farm.close()
 
