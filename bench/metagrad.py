@@ -56,6 +56,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from objective_agreement import spread_checkpoints
 
 from selfloop.config import load_config
 from selfloop.estimators import estimate_gradient, needs_reset, new_slot
@@ -168,20 +169,13 @@ def agreement_table(farm, config, theta, args) -> None:
                   f"{seconds:.2f} |", flush=True)
 
 
-def spread(paths: list, count: int) -> list:
-    """Up to ``count`` of ``paths`` (newest first), evenly spaced, oldest first."""
-    oldest_first = paths[::-1]
-    picks = np.unique(np.linspace(0, len(oldest_first) - 1, min(count, len(oldest_first))).round().astype(int))
-    return [oldest_first[i] for i in picks]
-
-
 def measured_theta(state):
     """The champion's θ; without one (``pbt.champion`` off), the member best at
     the last held-out evaluation."""
     if state.champion is not None:
         return state.champion.theta
     scored = [m for m in state.members if m.history]
-    return min(scored or state.members, key=lambda m: m.history[-1] if m.history else 0.0).theta
+    return min(scored, key=lambda m: m.history[-1]).theta if scored else state.members[0].theta
 
 
 def along_run(farm, run_dir: Path, count: int, args) -> None:
@@ -192,7 +186,7 @@ def along_run(farm, run_dir: Path, count: int, args) -> None:
     print("| round | minute | best member held-out | champion held-out | "
           + " | ".join(f"m: {kind} K = {k} segment {segment}" for kind, k, _, segment in columns) + " |")
     print("|---|---|---|---|" + "---|" * len(columns))
-    for path in spread(list_checkpoints(run_dir), count):
+    for path in spread_checkpoints(run_dir, count, min_round=0):
         config = saved_config(path)
         state = read_checkpoint(path, config)
         theta = jax.tree_util.tree_map(np.asarray, measured_theta(state))
