@@ -231,13 +231,13 @@ def main() -> None:
             return
         if args.optimizer is not None:
             path = args.optimizer
-            lopt_config, champion = load_theta(path)
+            lopt_config, trained = load_theta(path)
             config = dataclasses.replace(load_config(None), lopt=lopt_config)
         else:
             path = list_checkpoints(args.run_dir)[0]
             config = saved_config(path)
-            champion = measured_theta(read_checkpoint(path, config))
-        theta = make_lopt(config.lopt).init_theta(jax.random.PRNGKey(123)) if args.random_theta else champion
+            trained = measured_theta(read_checkpoint(path, config))
+        theta = make_lopt(config.lopt).init_theta(jax.random.PRNGKey(123)) if args.random_theta else trained
         theta = jax.tree_util.tree_map(np.asarray, theta)
         print(f"{path}: {'random θ' if args.random_theta else 'trained θ'}, lopt {config.lopt.features}"
               f"{' odd' if config.lopt.odd else ''}; {args.tasks} fresh tasks per setting")
