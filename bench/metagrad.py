@@ -57,6 +57,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from objective_agreement import spread_checkpoints
+from outer_drift import measured_snapshot
 
 from selfloop.config import load_config
 from selfloop.estimators import estimate_gradient, needs_reset, new_slot
@@ -172,10 +173,9 @@ def agreement_table(farm, config, theta, args) -> None:
 def measured_theta(state):
     """The champion's θ; without one (``pbt.champion`` off), the member best at
     the last held-out evaluation."""
-    if state.champion is not None:
-        return state.champion.theta
-    scored = [m for m in state.members if m.history]
-    return min(scored, key=lambda m: m.history[-1]).theta if scored else state.members[0].theta
+    if state.champion is None and not any(m.history for m in state.members):
+        return state.members[0].theta  # a checkpoint from before the first evaluation
+    return measured_snapshot(state)[0].theta
 
 
 def along_run(farm, run_dir: Path, count: int, args) -> None:

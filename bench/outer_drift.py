@@ -1,6 +1,7 @@
 """Does an outer optimizer move a trained learned optimizer with no signal?
 
-The systematic, signal-free direction of issue #16: a trained θ is stepped by
+The systematic, signal-free direction of issue #16: a trained θ (the run's PBT
+champion, or its best member where it keeps none) is stepped by
 its run's own outer optimizer (the lopt of member ``outer_index``, with the
 outer state the run kept for θ) for ``--steps`` outer steps fed a meta-gradient
 that carries no information, through the very outer step a run takes (rails
@@ -43,11 +44,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from selfloop.config import ConfigError
 from selfloop.evaluation.heldout import adam_reference, evaluate_members
+from selfloop.export import choose_member
 from selfloop.farm.engines import LocalFarm
 from selfloop.lopt import make_lopt
 from selfloop.lopt.base import tree_l2_norm
 from selfloop.master.population import outer_settings, outer_step_fn, outer_time_limit
+from selfloop.state import Snapshot, snapshot
 from selfloop.store.checkpoint import list_checkpoints, read_checkpoint, saved_config
 from selfloop.tasks.sampler import heldout_tasks
 
@@ -122,6 +126,18 @@ def print_clock_table(state, clocks: list[int], proposals: np.ndarray) -> None:
     print(f"| median | | | {medians} |")
 
 
+def measured_snapshot(state) -> tuple[Snapshot, str]:
+    """The PBT champion; without one (``pbt.champion`` off), the member best at
+    the last held-out evaluation, as ``run.py export --member best`` picks it."""
+    if state.champion is not None:
+        return state.champion, f"the champion, from member {state.champion.source}"
+    try:
+        best = choose_member(state, "best")
+    except ConfigError as error:
+        raise SystemExit(f"no PBT champion and {error}") from None
+    return snapshot(state.members[best]), f"member {best}, the best at the last held-out evaluation"
+
+
 def random_walk(theta, distance: float, seed: int):
     """θ moved by ``distance`` in a uniformly random direction."""
     leaves, treedef = jax.tree_util.tree_flatten(theta)
@@ -154,29 +170,27 @@ def main() -> None:
               f"clock clamped at {outer_time_limit(config)} in a run; {args.trials} noise draws")
         print_clock_table(state, clocks, proposals_by_clock(config, state, clocks, args.trials, args.seed))
         return
-    if state.champion is None:
-        raise SystemExit(f"{paths[0]}: no PBT champion yet")
-    champion = state.champion
-    outer_theta = state.members[champion.outer_index].theta
-    print(f"{paths[0]}: champion from member {champion.source}, trained by member {champion.outer_index}; "
+    subject, which = measured_snapshot(state)
+    outer_theta = state.members[subject.outer_index].theta
+    print(f"{paths[0]}: {which}, trained by member {subject.outer_index}; "
           f"lopt {config.lopt}; {args.steps} outer steps, step rail {config.population.max_step_ratio}, "
           f"outer step multiplier {config.population.outer_step_mult}")
 
-    outer_state = champion.outer_state
+    outer_state = subject.outer_state
     if args.outer_state == "fresh":
-        outer_state = fresh_outer_state(make_lopt(config.lopt), champion.theta, outer_state)
-    theta_norm = float(tree_l2_norm(champion.theta))
-    thetas, rows = [champion.theta], [f"start (the champion), outer state: {args.outer_state}"]
+        outer_state = fresh_outer_state(make_lopt(config.lopt), subject.theta, outer_state)
+    theta_norm = float(tree_l2_norm(subject.theta))
+    thetas, rows = [subject.theta], [f"start ({which}), outer state: {args.outer_state}"]
     feeds = ("zero", "noise")  # rows 1 and 2; the random directions follow
     for kind in feeds:
-        theta, shortened = drift(config, outer_theta, champion.theta, outer_state, champion.step_scale,
+        theta, shortened = drift(config, outer_theta, subject.theta, outer_state, subject.step_scale,
                                  kind, args.steps, args.seed)
-        moved = float(tree_l2_norm(jax.tree_util.tree_map(jnp.subtract, theta, champion.theta)))
+        moved = float(tree_l2_norm(jax.tree_util.tree_map(jnp.subtract, theta, subject.theta)))
         thetas.append(theta)
         rows.append(f"ĝ = {kind}: moved {moved:.3f} ({moved / theta_norm:.2%} of ‖θ‖), "
                     f"rail shortened {shortened:.0%}")
     for control in range(args.controls):
-        thetas.append(random_walk(champion.theta, moved, args.seed + 1 + control))
+        thetas.append(random_walk(subject.theta, moved, args.seed + 1 + control))
         rows.append(f"random direction {control + 1}, moved {moved:.3f}")
 
     farm = LocalFarm(cache_root=args.cache)
