@@ -189,9 +189,9 @@ class EstimatorConfig:
     # ~1,900 dimensions, whatever the tasks; a backpropagated gradient has
     # no such floor, and its estimates (each task's gradient at unit length)
     # agree far above it (BENCHMARKS.md). The default: it reaches a
-    # stationary point of the training objective in minutes, and with the
-    # PBT settings below held there it ends half an hour lower than ES on
-    # three paired seeds, on both the minutes and the inner-steps axes.
+    # stationary point of the training objective in minutes; held there by
+    # the PBT settings below, three paired seeds ended their half hour lower
+    # than with ES, on both the minutes and the inner-steps axes.
     kind: str = one_of(("es", "pes", "grad"), "grad")
     pairs: int = positive(4)  # ES/PES: antithetic pairs per unit, 2P unrolls under one vmap
     std: float = positive(0.01)
