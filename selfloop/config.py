@@ -57,6 +57,7 @@ ADDED_KEYS: dict[str, Any] = {
     "pbt.allocation_floor": 0.2,
     "tasks.noisy_quadratic_share": 0.0,
     "population.outer_step_mult": 1.0,
+    "estimator.grad_weight": "unit",
 }
 
 
@@ -225,6 +226,15 @@ class EstimatorConfig:
     # slowly still with the default's step length restored (BENCHMARKS.md):
     # the outliers carry much of what the loop learns from.
     outlier_clip: float = non_negative(0.0)
+    # "grad" only: how a task's unit-length gradient weighs in its member's
+    # meta-batch. "unit": every segment alike. "meta_loss": times the
+    # segment's meta-loss (its mean clipped ℓ/ℓ_init), so a segment weighs by
+    # how much loss its task still has to lose, as a step weighs in the
+    # held-out score (a curve's mean normalized loss) and as ES weighs it
+    # without ``standardize``. Most segments lie late in long episodes, where
+    # the loss is small and the tasks' gradients no longer agree; weighted
+    # alike, their pull cancels what the episodes' starts ask for.
+    grad_weight: str = one_of(("unit", "meta_loss"), "unit")
 
 
 @dataclass(frozen=True)

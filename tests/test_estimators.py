@@ -91,6 +91,11 @@ def test_backpropagated_gradient_is_jax_grad_across_chunks():
     one_chunk = estimate_gradient(lopt, theta, SPEC, slot, 20, dataclasses.replace(config, chunk=20), HORIZON,
                                   jax.random.PRNGKey(10))
     assert _cosine(one_chunk.gradient, estimate.gradient) > 0.9999
+    weighted = estimate_gradient(lopt, theta, SPEC, slot, 20, dataclasses.replace(config, grad_weight="meta_loss"),
+                                 HORIZON, jax.random.PRNGKey(10))
+    assert _cosine(weighted.gradient, estimate.gradient) > 0.9999  # the same direction, ...
+    # ... at its segment's meta-loss's length
+    np.testing.assert_allclose(np.linalg.norm(_flat(weighted.gradient)), estimate.meta_loss, rtol=1e-5)
 
 
 def test_pes_needs_its_accumulator():
