@@ -226,15 +226,18 @@ class EstimatorConfig:
     # slowly still with the default's step length restored (BENCHMARKS.md):
     # the outliers carry much of what the loop learns from.
     outlier_clip: float = non_negative(0.0)
-    # "grad" only: how a task's unit-length gradient weighs in its member's
-    # meta-batch. "unit": every segment alike. "meta_loss": times the
-    # segment's meta-loss (its mean clipped ℓ/ℓ_init), so a segment weighs by
-    # how much loss its task still has to lose, as a step weighs in the
-    # held-out score (a curve's mean normalized loss) and as ES weighs it
-    # without ``standardize``. Most segments lie late in long episodes, where
-    # the loss is small and the tasks' gradients no longer agree; weighted
-    # alike, their pull cancels what the episodes' starts ask for.
-    grad_weight: str = one_of(("unit", "meta_loss"), "unit")
+    # "grad" only: how a task's backpropagated gradient weighs in its member's
+    # meta-batch. "unit": scaled to unit length, every segment alike. "meta_loss":
+    # unit length times the segment's meta-loss (its mean clipped ℓ/ℓ_init),
+    # so a segment weighs by how much loss its task still has to lose, as a
+    # step weighs in the held-out score and as ES weighs it without
+    # ``standardize``. "none": as backpropagated, so the meta-batch's mean is
+    # the gradient of its mean meta-loss (near chaos a task's gradient can be
+    # orders of magnitude longer than the rest: pair it with ``outlier_clip``).
+    # "unit" stays the default: past the stationary point "meta_loss" drifted
+    # up as "unit" did, and at that point the tasks' mean gradient points the
+    # same way as backpropagated and at unit length (BENCHMARKS.md).
+    grad_weight: str = one_of(("unit", "meta_loss", "none"), "unit")
 
 
 @dataclass(frozen=True)

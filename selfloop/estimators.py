@@ -18,9 +18,9 @@
   where the inner dynamics are chaotic. Each task's gradient is scaled to
   unit length: near chaos a few tasks' gradients are orders of magnitude
   longer than the rest (beyond float32's range of squares at K = 80) and
-  would otherwise be the whole meta-batch; with ``estimator.grad_weight =
-  "meta_loss"`` that unit gradient is then weighted by the segment's
-  meta-loss. A non-finite gradient is dropped (zeros).
+  would otherwise be the whole meta-batch (``estimator.grad_weight``:
+  "meta_loss" then weighs it by the segment's meta-loss, "none" keeps the
+  gradient as backpropagated). A non-finite gradient is dropped (zeros).
 
 L± is the mean over the segment of ℓ(t)/ℓ_init clipped to [0, clip]: a
 non-finite inner loss becomes the clip value, never a NaN gradient. With
@@ -259,7 +259,9 @@ def _backpropagated_gradient(program, theta: Any, spec: TaskSpec, slot: SlotStat
                                                  config.meta_loss_clip, 1.0 / truncation, cotangent)
         gradient = _tree_add(gradient, d_theta)
     meta_loss = meta_loss_sum / truncation
-    gradient = _unit_length(_finite_or_zeros(gradient))
+    gradient = _finite_or_zeros(gradient)
+    if config.grad_weight != "none":
+        gradient = _unit_length(gradient)
     if config.grad_weight == "meta_loss":
         gradient = jax.tree_util.tree_map(lambda x: x * jnp.float32(meta_loss), gradient)
     new_slot_state = SlotState(episode=episode, inners=inners, accumulator=slot.accumulator)

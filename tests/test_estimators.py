@@ -96,6 +96,9 @@ def test_backpropagated_gradient_is_jax_grad_across_chunks():
     assert _cosine(weighted.gradient, estimate.gradient) > 0.9999  # the same direction, ...
     # ... at its segment's meta-loss's length
     np.testing.assert_allclose(np.linalg.norm(_flat(weighted.gradient)), estimate.meta_loss, rtol=1e-5)
+    raw = estimate_gradient(lopt, theta, SPEC, slot, 20, dataclasses.replace(config, grad_weight="none"), HORIZON,
+                            jax.random.PRNGKey(10))
+    np.testing.assert_allclose(_flat(raw.gradient), _flat(exact), rtol=1e-3, atol=1e-6 * np.abs(_flat(exact)).max())
 
 
 def test_pes_needs_its_accumulator():
