@@ -70,10 +70,15 @@ from selfloop.store.checkpoint import list_checkpoints, read_checkpoint, saved_c
 from selfloop.store.optimizer import load_theta
 
 
+def fresh_task(context, task_index: int):
+    """Fresh training task ``task_index``: a slot of a member no run has (10,000 + index)."""
+    return slot_task(context, 10_000 + task_index, 0, 0)
+
+
 def task_gradient(context, theta, truncation: int, segments: int, task_index: int) -> np.ndarray:
     """The ``segments``-th (the last) meta-gradient estimate on fresh task ``task_index``, flattened."""
     lopt = make_lopt(context.lopt)
-    spec = slot_task(context, 10_000 + task_index, 0, 0)
+    spec = fresh_task(context, task_index)
     slot = new_slot(lopt, spec, theta, context.estimator, context.horizon)
     key = jax.random.fold_in(jax.random.PRNGKey(context.seed), task_index)
     for segment in range(segments):

@@ -40,13 +40,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from metagrad import cosine, estimates, pairwise_agreement, unit_rows
+from metagrad import cosine, estimates, fresh_task, pairwise_agreement, unit_rows
 from outer_drift import measured_snapshot, random_walk
 
 from selfloop.estimators import clip_outliers
 from selfloop.evaluation.heldout import adam_reference, heldout_task_scores
 from selfloop.farm.engines import LocalFarm
-from selfloop.farm.units import slot_task
 from selfloop.lopt import make_lopt
 from selfloop.lopt.base import tree_l2_norm
 from selfloop.master.population import context_for
@@ -87,7 +86,7 @@ def moved_against(theta, direction: np.ndarray, distance: float):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--settings", default="80:1,40:3,40:10", help="K:segment[:meta_loss], comma-separated")
+    parser.add_argument("--settings", default="80:1,40:3,40:10", help="K:segment[:meta_loss|none], comma-separated")
     parser.add_argument("--tasks", type=int, default=32, help="fresh training tasks per setting")
     parser.add_argument("--distances", default="0.01,0.03", help="fractions of ‖θ‖, comma-separated")
     parser.add_argument("--controls", type=int, default=2, help="random directions at the largest distance")
@@ -136,10 +135,10 @@ def main() -> None:
             rows.append((f"random direction {control + 1}", max(fractions)))
         cfg = config.eval
         heldout = heldout_tasks(cfg.tasks, config.tasks.families, cfg.seed)
-        # The gradients' own training tasks (metagrad's task_gradient draws task i as member 10,000 + i):
-        # does the step lower the objective where it was measured, scored as the held-out set is?
+        # The gradients' own training tasks: does the step lower the objective where it was
+        # measured, scored as the held-out set is?
         context = context_for(config)
-        own = tuple(slot_task(context, 10_000 + i, 0, 0) for i in range(args.tasks))
+        own = tuple(fresh_task(context, i) for i in range(args.tasks))
         print(f"scoring {len(thetas)} optimizers on {len(heldout)} held-out tasks and on the {len(own)} "
               f"training tasks, {cfg.steps} steps each", flush=True)
         scored = {}
