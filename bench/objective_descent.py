@@ -40,6 +40,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.flatten_util import ravel_pytree
 from metagrad import cosine, estimates, fresh_task, pairwise_agreement, unit_rows
 from outer_drift import measured_snapshot, random_walk
 
@@ -73,14 +74,8 @@ class Setting:
 
 def moved_against(theta, direction: np.ndarray, distance: float):
     """θ − distance · direction / ‖direction‖ (``direction`` flattened in leaf order)."""
-    leaves, treedef = jax.tree_util.tree_flatten(theta)
-    unit = direction / max(np.linalg.norm(direction), 1e-30)
-    moved, start = [], 0
-    for leaf in leaves:
-        size = int(np.size(leaf))
-        moved.append(np.asarray(leaf) - distance * unit[start:start + size].reshape(np.shape(leaf)))
-        start += size
-    return jax.tree_util.tree_unflatten(treedef, moved)
+    flat, unflatten = ravel_pytree(theta)
+    return unflatten(flat - distance * direction / max(np.linalg.norm(direction), 1e-30))
 
 
 def main() -> None:
@@ -153,13 +148,13 @@ def main() -> None:
         print_changes(name, per_task.mean(axis=0), rows, settings, agreements, fractions, args.controls)
     per_task = scored["held-out"]
     families = sorted({spec.family for spec in heldout})
+    of_family = {f: np.array([spec.family == f for spec in heldout]) for f in families}
     print(f"\nheld-out change by family, moved {max(fractions):.1%} of ‖θ‖")
     print("| moved against | " + " | ".join(families) + " |\n|---|" + "---|" * len(families))
     for index, row in enumerate(rows[1:], start=1):
         if row[1] != max(fractions):
             continue
-        cells = [per_task[[s.family == f for s in heldout], index].mean()
-                 - per_task[[s.family == f for s in heldout], 0].mean() for f in families]
+        cells = [per_task[of_family[f], index].mean() - per_task[of_family[f], 0].mean() for f in families]
         print(f"| {row[0]} | " + " | ".join(f"{c:+.3f}" for c in cells) + " |")
     print("\ncosines between the settings' mean directions")
     for i, a in enumerate(settings):
