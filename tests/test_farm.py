@@ -76,6 +76,20 @@ def _doubled(x):
     return x * 2
 
 
+def _none_for_odd(x):
+    return None if x % 2 else x
+
+
+def test_a_unit_that_returns_none_completes(local_farm):
+    results: list = []
+    mapper = threading.Thread(target=lambda: results.append(local_farm.map(_none_for_odd, list(range(4)))),
+                              daemon=True)
+    mapper.start()
+    mapper.join(timeout=60)
+    assert not mapper.is_alive(), "farm.map waited forever on a unit whose result is None"
+    assert results[0] == [0, None, 2, None]
+
+
 def test_units_and_results_larger_than_a_pipe_buffer_do_not_deadlock(local_farm):
     # A queued unit of 2.4 MB blocks the master's send until the busy worker
     # reads it, while the worker sends its own 2.4 MB result back.

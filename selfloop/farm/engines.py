@@ -48,6 +48,7 @@ def never() -> bool:
 
 
 Progress = Callable[[int, int], None]  # (units done, units in the call): a long phase shows it
+_PENDING = object()  # LocalFarm.map's mark of a unit whose result has not come back
 
 
 @contextlib.contextmanager
@@ -239,7 +240,7 @@ class LocalFarm:
         return results
 
     def map(self, fn: Callable, items: list, cost: list[float] | None = None) -> list:
-        results: list[Any] = [None] * len(items)
+        results: list[Any] = [_PENDING] * len(items)  # not None: a unit may return None
         pending = collections.deque((i, 1) for i in dispatch_order(len(items), cost))
         done = 0
         while done < len(items):
@@ -272,7 +273,7 @@ class LocalFarm:
                         pass  # dying: the sentinel handles it
                 if not worker.process.is_alive():
                     self._replace_dead(worker, results, pending)
-            done = sum(r is not None for r in results)
+            done = sum(r is not _PENDING for r in results)
             if done < len(items) and self.should_stop():
                 raise Interrupted
             if self.progress:
