@@ -40,13 +40,12 @@ import jax
 import numpy as np
 from jax.flatten_util import ravel_pytree
 from metagrad import fresh_task
-from outer_drift import measured_snapshot
+from outer_drift import subject_theta
 
 from selfloop.estimators import estimate_gradient, needs_reset, new_slot
 from selfloop.farm.engines import LocalFarm
 from selfloop.lopt import make_lopt
 from selfloop.master.population import context_for
-from selfloop.store.checkpoint import list_checkpoints, read_checkpoint, saved_config
 
 
 def segment_start(context, theta, truncation: int, segment: int, task_index: int):
@@ -101,21 +100,12 @@ def main() -> None:
     args = parser.parse_args()
     truncation, segment = (int(x) for x in args.setting.split(":"))
     fractions = [float(x) for x in args.distances.split(",")]
-    paths = list_checkpoints(args.run_dir)
-    if not paths:
-        raise SystemExit(f"{args.run_dir}: no checkpoint-*.h5")
-    config = saved_config(paths[0])
-    if args.random_theta:
-        theta, which = make_lopt(config.lopt).init_theta(jax.random.PRNGKey(123)), "a random initialization"
-    else:
-        subject, which = measured_snapshot(read_checkpoint(paths[0], config))
-        theta = subject.theta
-    theta = jax.tree_util.tree_map(np.asarray, theta)
+    path, config, theta, which = subject_theta(args.run_dir, args.random_theta)
     theta_norm = float(np.linalg.norm(ravel_pytree(theta)[0]))
     # As backpropagated: the first-order prediction needs each gradient's length.
     context = context_for(dataclasses.replace(config, estimator=dataclasses.replace(config.estimator, kind="grad",
                                                                                      grad_weight="none")))
-    print(f"{paths[0]}: {which}; K = {truncation}, segment {segment}, {args.tasks} fresh training tasks")
+    print(f"{path}: {which}; K = {truncation}, segment {segment}, {args.tasks} fresh training tasks")
 
     farm = LocalFarm(cache_root=args.cache)
     farm.wait_ready()

@@ -38,19 +38,16 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-import jax
 import numpy as np
 from jax.flatten_util import ravel_pytree
 from metagrad import cosine, estimates, fresh_task, pairwise_agreement, unit_rows
-from outer_drift import measured_snapshot, random_walk
+from outer_drift import random_walk, subject_theta
 
 from selfloop.estimators import clip_outliers
 from selfloop.evaluation.heldout import adam_reference, heldout_task_scores
 from selfloop.farm.engines import LocalFarm
-from selfloop.lopt import make_lopt
 from selfloop.lopt.base import tree_l2_norm
 from selfloop.master.population import context_for
-from selfloop.store.checkpoint import list_checkpoints, read_checkpoint, saved_config
 from selfloop.tasks.sampler import heldout_tasks
 
 
@@ -94,18 +91,9 @@ def main() -> None:
     args = parser.parse_args()
     settings = [Setting.parse(text) for text in args.settings.split(",")]
     fractions = [float(d) for d in args.distances.split(",")]
-    paths = list_checkpoints(args.run_dir)
-    if not paths:
-        raise SystemExit(f"{args.run_dir}: no checkpoint-*.h5")
-    config = saved_config(paths[0])
-    if args.random_theta:
-        theta, which = make_lopt(config.lopt).init_theta(jax.random.PRNGKey(123)), "a random initialization"
-    else:
-        subject, which = measured_snapshot(read_checkpoint(paths[0], config))
-        theta = subject.theta
-    theta = jax.tree_util.tree_map(np.asarray, theta)
+    path, config, theta, which = subject_theta(args.run_dir, args.random_theta)
     theta_norm = float(tree_l2_norm(theta))
-    print(f"{paths[0]}: {which}; {args.tasks} fresh training tasks per setting")
+    print(f"{path}: {which}; {args.tasks} fresh training tasks per setting")
 
     farm = LocalFarm(cache_root=args.cache)
     farm.wait_ready()

@@ -138,6 +138,22 @@ def measured_snapshot(state) -> tuple[Snapshot, str]:
     return snapshot(state.members[best]), f"member {best}, the best at the last held-out evaluation"
 
 
+def subject_theta(run_dir: Path, random_theta: bool):
+    """(newest checkpoint, its config, θ as host arrays, what θ is): the run's
+    measured snapshot, or with ``random_theta`` a fixed random initialization
+    of the run's lopt."""
+    paths = list_checkpoints(run_dir)
+    if not paths:
+        raise SystemExit(f"{run_dir}: no checkpoint-*.h5")
+    config = saved_config(paths[0])
+    if random_theta:
+        theta, which = make_lopt(config.lopt).init_theta(jax.random.PRNGKey(123)), "a random initialization"
+    else:
+        subject, which = measured_snapshot(read_checkpoint(paths[0], config))
+        theta = subject.theta
+    return paths[0], config, jax.tree_util.tree_map(np.asarray, theta), which
+
+
 def random_walk(theta, distance: float, seed: int):
     """θ moved by ``distance`` in a uniformly random direction."""
     leaves, treedef = jax.tree_util.tree_flatten(theta)
