@@ -194,8 +194,8 @@ def eval_main(argv: list[str]) -> int:
     finally:
         farm.close(now=stop.requested)
     title = f"{config.run.name}, {label}: {cfg.tasks} held-out tasks x {cfg.steps} steps"
-    about = {"source": source, "label": label, "tasks": [s.describe() for s in specs], "steps": cfg.steps,
-             "title": title}
+    about = {"source": source, "label": label, "tasks": [s.describe() for s in specs],
+             "task_families": [s.family for s in specs], "steps": cfg.steps, "title": title}
     files = write_outputs(out, curves, table, families_table, about)
     print(format_table(table))
     if len(families_table) > 1:

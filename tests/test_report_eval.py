@@ -70,3 +70,13 @@ def test_eval_command_writes_figure_tables_and_caches_adam(tmp_path, compile_cac
     assert set(results["by_family"]) == {task.split("[")[0] for task in results["tasks"]}
     assert (out / "figure2.png").read_bytes()[:4] == b"\x89PNG" and (out / "metrics.csv").exists()
     assert len(list(run_dir.glob("adam_reference_*.npz"))) == 2  # training's held-out set and this one, cached
+    with np.load(out / "task_curves.npz") as task_curves:
+        assert task_curves["task_families"].tolist() == results["task_families"]
+        assert task_curves["curve/m0"].shape == (3, 31)
+        np.testing.assert_allclose(task_curves["curve/m0"].mean(axis=0), results["mean_curves"]["m0"], atol=1e-6)
+    profile = subprocess.run([sys.executable, "bench/family_curves.py", str(out), "--steps", "0,30"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert profile.returncode == 0, profile.stderr[-3000:]
+    all_m0 = next(line for line in profile.stdout.splitlines() if line.startswith("| all | m0 |"))
+    assert all_m0.split("|")[3:6] == [" 1.000 ", f" {results['mean_curves']['m0'][30]:.3f} ",
+                                      f" {np.mean(results['mean_curves']['m0']):.3f} "]

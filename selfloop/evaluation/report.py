@@ -113,8 +113,9 @@ def evaluate_lopts(thetas: dict[str, object], lopt_config, specs: tuple[TaskSpec
 
 
 def write_outputs(out_dir: Path, curves: Curves, table: dict, families: dict, about: dict) -> list[Path]:
-    """results.json (everything), metrics.csv, curves.csv (mean normalized curves) and, where
-    matplotlib is installed, figure2.png; the files written."""
+    """results.json (everything), metrics.csv, curves.csv (mean normalized curves),
+    task_curves.npz (each task's normalized curve per optimizer, and the tasks' families)
+    and, where matplotlib is installed, figure2.png; the files written."""
     from selfloop.observe.figures import PlotExtraMissing, figure2
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -134,7 +135,11 @@ def write_outputs(out_dir: Path, curves: Curves, table: dict, families: dict, ab
         writer.writerow(["step", *names])
         for step, values in enumerate(np.stack([curves.mean_curve(n) for n in names], axis=1)):
             writer.writerow([step, *(f"{v:.5f}" for v in values)])
-    written = [out_dir / name for name in ("results.json", "metrics.csv", "curves.csv")]
+    # Every task's curve, not only their mean: where an optimizer loses is a question of
+    # which tasks and which steps (bench/family_curves.py reads this file).
+    np.savez_compressed(out_dir / "task_curves.npz", task_families=np.asarray(about["task_families"]),
+                        **{f"curve/{name}": values.astype(np.float32) for name, values in curves.per_task.items()})
+    written = [out_dir / name for name in ("results.json", "metrics.csv", "curves.csv", "task_curves.npz")]
     try:
         figure2(curves, out_dir / "figure2.png", title=about.get("title", ""))
     except PlotExtraMissing as missing:

@@ -1,0 +1,86 @@
+"""Where on the curve, and on which family, a learned optimizer loses to Adam.
+
+``run.py eval`` reports each family's mean normalized loss; a mean cannot say
+whether an optimizer is slow from the first steps (steps too short), catches up
+late, or stalls at a higher level. This reads the ``task_curves.npz`` of one or
+more ``run.py eval`` output folders made on the same held-out tasks (e.g. one
+per architecture, which cannot be batched) and prints, per family, each learned
+optimizer's normalized loss at the given steps and its mean over the curve,
+beside Adam at its best fixed rate over all tasks and Adam tuned per task.
+
+    python bench/family_curves.py EVAL_OUT [EVAL_OUT ...] --steps 10,30,100,300
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
+
+CURVE_PREFIX = "curve/"
+
+
+def fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def load_task_curves(out_dir: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(each task's family, optimizer name -> [tasks, steps + 1] normalized curves)."""
+    path = out_dir / "task_curves.npz"
+    if not path.is_file():
+        fail(f"{path}: not found; expected the output folder of `run.py eval` (it writes task_curves.npz)")
+    with np.load(path) as data:
+        curves = {key[len(CURVE_PREFIX):]: data[key] for key in data.files if key.startswith(CURVE_PREFIX)}
+        return data["task_families"], curves
+
+
+def merged_curves(out_dirs: list[Path]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The learned optimizers of every folder and the Adam curves of the first; the folders
+    must hold the same tasks (the same Adam curves)."""
+    families, merged = load_task_curves(out_dirs[0])
+    for out_dir in out_dirs[1:]:
+        other_families, curves = load_task_curves(out_dir)
+        same_adam = all(np.array_equal(curves[name], merged[name]) for name in merged if name.startswith("adam"))
+        if not (np.array_equal(other_families, families) and same_adam):
+            fail(f"{out_dir}: not the held-out tasks of {out_dirs[0]} (evaluate both on the same set)")
+        merged.update({name: values for name, values in curves.items() if not name.startswith("adam")})
+    return families, merged
+
+
+def profile_rows(families: np.ndarray, curves: dict[str, np.ndarray], steps: list[int]) -> list[tuple]:
+    """(family, optimizer, [loss at each step], mean over the curve) per family and optimizer,
+    families in order of appearance plus "all"; Adam's best fixed rate is the one best over
+    all tasks, the rate a user would pick."""
+    fixed = [name for name in curves if name.startswith("adam lr=")]
+    best_fixed = min(fixed, key=lambda name: curves[name].mean())
+    shown = {**{n: c for n, c in curves.items() if not n.startswith("adam")},
+             f"adam best fixed ({best_fixed[5:]})": curves[best_fixed], "adam tuned": curves["adam tuned"]}
+    rows = []
+    for family in [*dict.fromkeys(families.tolist()), "all"]:
+        mask = np.ones(len(families), bool) if family == "all" else families == family
+        for name, values in shown.items():
+            mean_curve = values[mask].mean(axis=0)
+            rows.append((family, name, [float(mean_curve[s]) for s in steps], float(mean_curve.mean())))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dirs", nargs="+", type=Path, help="run.py eval output folders")
+    parser.add_argument("--steps", default="10,30,100,300")
+    args = parser.parse_args()
+    families, curves = merged_curves(args.out_dirs)
+    last = next(iter(curves.values())).shape[1] - 1
+    steps = [min(int(s), last) for s in args.steps.split(",")]
+    print("| family | optimizer | " + " | ".join(f"step {s}" for s in steps) + " | mean |")
+    print("|---" * (len(steps) + 3) + "|")
+    for family, name, at_steps, mean in profile_rows(families, curves, steps):
+        print(f"| {family} | {name} | " + " | ".join(f"{v:.3f}" for v in at_steps) + f" | {mean:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
