@@ -20,7 +20,7 @@ from typing import NoReturn
 
 import numpy as np
 
-CURVE_PREFIX = "curve/"
+from selfloop.evaluation.report import TASK_CURVES_FILE, Curves, read_task_curves
 
 
 def fail(message: str) -> NoReturn:
@@ -28,37 +28,36 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def load_task_curves(out_dir: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(each task's family, optimizer name -> [tasks, steps + 1] normalized curves)."""
-    path = out_dir / "task_curves.npz"
-    if not path.is_file():
-        fail(f"{path}: not found; expected the output folder of `run.py eval` (it writes task_curves.npz)")
-    with np.load(path) as data:
-        curves = {key[len(CURVE_PREFIX):]: data[key] for key in data.files if key.startswith(CURVE_PREFIX)}
-        return data["task_families"], curves
+def load_task_curves(out_dir: Path) -> tuple[np.ndarray, Curves]:
+    if not (out_dir / TASK_CURVES_FILE).is_file():
+        fail(f"{out_dir / TASK_CURVES_FILE}: not found; expected the output folder of `run.py eval` "
+             f"(it writes {TASK_CURVES_FILE})")  # fmt: skip
+    return read_task_curves(out_dir)
 
 
-def merged_curves(out_dirs: list[Path]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def merged_curves(out_dirs: list[Path]) -> tuple[np.ndarray, Curves]:
     """The learned optimizers of every folder and the Adam curves of the first; the folders
     must hold the same tasks (the same Adam curves)."""
-    families, merged = load_task_curves(out_dirs[0])
+    families, first = load_task_curves(out_dirs[0])
+    merged = dict(first.per_task)
     for out_dir in out_dirs[1:]:
-        other_families, curves = load_task_curves(out_dir)
-        same_adam = all(np.array_equal(curves[name], merged[name]) for name in merged if name.startswith("adam"))
+        other_families, other = load_task_curves(out_dir)
+        same_adam = all(np.array_equal(other.per_task[name], merged[name]) for name in merged
+                        if name.startswith("adam"))  # fmt: skip
         if not (np.array_equal(other_families, families) and same_adam):
             fail(f"{out_dir}: not the held-out tasks of {out_dirs[0]} (evaluate both on the same set)")
-        merged.update({name: values for name, values in curves.items() if not name.startswith("adam")})
-    return families, merged
+        merged.update({name: values for name, values in other.per_task.items() if not name.startswith("adam")})
+    return families, Curves(merged)
 
 
-def profile_rows(families: np.ndarray, curves: dict[str, np.ndarray], steps: list[int]) -> list[tuple]:
+def profile_rows(families: np.ndarray, curves: Curves, steps: list[int]) -> list[tuple]:
     """(family, optimizer, [loss at each step], mean over the curve) per family and optimizer,
     families in order of appearance plus "all"; Adam's best fixed rate is the one best over
-    all tasks, the rate a user would pick."""
-    fixed = [name for name in curves if name.startswith("adam lr=")]
-    best_fixed = min(fixed, key=lambda name: curves[name].mean())
-    shown = {**{n: c for n, c in curves.items() if not n.startswith("adam")},
-             f"adam best fixed ({best_fixed[5:]})": curves[best_fixed], "adam tuned": curves["adam tuned"]}
+    all tasks (``Curves.best_fixed``)."""
+    per_task = curves.per_task
+    best_fixed = curves.best_fixed([name for name in per_task if name.startswith("adam lr=")])
+    shown = {**{n: c for n, c in per_task.items() if not n.startswith("adam")},
+             f"adam best fixed ({best_fixed[5:]})": per_task[best_fixed], "adam tuned": per_task["adam tuned"]}
     rows = []
     for family in [*dict.fromkeys(families.tolist()), "all"]:
         mask = np.ones(len(families), bool) if family == "all" else families == family
@@ -74,7 +73,7 @@ def main() -> None:
     parser.add_argument("--steps", default="10,30,100,300")
     args = parser.parse_args()
     families, curves = merged_curves(args.out_dirs)
-    last = next(iter(curves.values())).shape[1] - 1
+    last = next(iter(curves.per_task.values())).shape[1] - 1
     steps = [min(int(s), last) for s in args.steps.split(",")]
     print("| family | optimizer | " + " | ".join(f"step {s}" for s in steps) + " | mean |")
     print("|---" * (len(steps) + 3) + "|")

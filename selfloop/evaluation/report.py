@@ -34,6 +34,9 @@ from selfloop.evaluation.heldout import AdamReference, adam_reference, all_succe
 from selfloop.farm.curves import CurveUnit, run_curve_unit, stack_thetas
 from selfloop.tasks.base import TaskSpec
 
+TASK_CURVES_FILE = "task_curves.npz"  # every task's curve per optimizer, beside results.json
+CURVE_KEY_PREFIX = "curve/"  # its key for optimizer NAME is "curve/NAME"
+
 
 @dataclass(frozen=True)
 class Curves:
@@ -43,6 +46,10 @@ class Curves:
 
     def mean_curve(self, name: str) -> np.ndarray:
         return self.per_task[name].mean(axis=0)
+
+    def best_fixed(self, adam_names: list[str]) -> str:
+        """The fixed Adam rate with the lowest mean over all tasks: the rate a user would pick."""
+        return min(adam_names, key=lambda name: self.mean_curve(name).mean())
 
 
 def first_step_at_or_below(curve: np.ndarray, level: float) -> int:
@@ -88,7 +95,7 @@ def by_family(curves: Curves, families: list[str], adam_names: list[str]) -> dic
     (``families[i]`` is task i's family), plus "adam best fixed": on each family,
     the fixed rate that is best over all tasks, the rate a user would pick."""
     family_of = np.asarray(families)
-    best_fixed = min(adam_names, key=lambda name: curves.mean_curve(name).mean())
+    best_fixed = curves.best_fixed(adam_names)
     table = {}
     for family in dict.fromkeys(families):
         rows = family_of == family
@@ -137,15 +144,23 @@ def write_outputs(out_dir: Path, curves: Curves, table: dict, families: dict, ab
             writer.writerow([step, *(f"{v:.5f}" for v in values)])
     # Every task's curve, not only their mean: where an optimizer loses is a question of
     # which tasks and which steps (bench/family_curves.py reads this file).
-    np.savez_compressed(out_dir / "task_curves.npz", task_families=np.asarray(about["task_families"]),
-                        **{f"curve/{name}": values.astype(np.float32) for name, values in curves.per_task.items()})
-    written = [out_dir / name for name in ("results.json", "metrics.csv", "curves.csv", "task_curves.npz")]
+    np.savez_compressed(out_dir / TASK_CURVES_FILE, task_families=np.asarray(about["task_families"]),
+                        **{CURVE_KEY_PREFIX + name: values.astype(np.float32)
+                           for name, values in curves.per_task.items()})  # fmt: skip
+    written = [out_dir / name for name in ("results.json", "metrics.csv", "curves.csv", TASK_CURVES_FILE)]
     try:
         figure2(curves, out_dir / "figure2.png", title=about.get("title", ""))
     except PlotExtraMissing as missing:
         print(f"note: figure2.png skipped; {missing}", file=sys.stderr)
         return written
     return written + [out_dir / "figure2.png"]
+
+
+def read_task_curves(out_dir: Path) -> tuple[np.ndarray, Curves]:
+    """What ``write_outputs`` stored in TASK_CURVES_FILE: (each task's family, the curves)."""
+    with np.load(out_dir / TASK_CURVES_FILE) as data:
+        per_task = {key[len(CURVE_KEY_PREFIX):]: data[key] for key in data.files if key.startswith(CURVE_KEY_PREFIX)}
+        return data["task_families"], Curves(per_task)
 
 
 def format_table(table: dict) -> str:
