@@ -69,6 +69,18 @@ class HeldoutChanged(Event):
 
 
 @dataclass(frozen=True)
+class TruncationsRedrawn(Event):
+    """population.truncations changed on resume: members whose K is no longer
+    listed drew a new one."""
+
+    kind: ClassVar[str] = "truncations_redrawn"
+    round: int
+    members: tuple[int, ...]
+    before: tuple[int, ...]
+    after: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Progress(Event):
     kind: ClassVar[str] = "progress"
     message: str
@@ -277,8 +289,8 @@ class End(Event):
 
 
 KINDS: dict[str, type[Event]] = {cls.kind: cls for cls in (
-    Start, Resume, HeldoutChanged, Progress, Phase, Fresh, CheckpointSkipped, Reference, Round, Tournament,
-    TournamentSkipped, Eval, EvalFailed, UnitFailed, Rollback, Rejected, Checkpoint, End,
+    Start, Resume, HeldoutChanged, TruncationsRedrawn, Progress, Phase, Fresh, CheckpointSkipped, Reference, Round,
+    Tournament, TournamentSkipped, Eval, EvalFailed, UnitFailed, Rollback, Rejected, Checkpoint, End,
 )}  # fmt: skip
 
 

@@ -21,6 +21,7 @@ from selfloop.config import ConfigError, config_to_dict
 from selfloop.events import cut_torn_line, from_record, read_events
 from selfloop.master.trainer import Trainer
 from selfloop.observe.history import latest_series, summary
+from selfloop.observe.plain import format_event
 from selfloop.store.checkpoint import (
     CheckpointError,
     check_resumable,
@@ -391,3 +392,26 @@ def test_a_resume_with_another_heldout_set_starts_a_new_labelled_series(smoke_co
     evals, _, earlier = latest_series(records)
     assert earlier == 1 and {e.heldout_set for e in evals} == {second.heldout_set}
     assert evals[0].round >= 2 and "1 earlier series" in summary(records)
+
+
+def test_a_resume_with_other_truncations_redraws_every_k_no_longer_listed(smoke_config, tmp_path):
+    first = Trainer(smoke_config, tmp_path, report=lambda r: None)
+    state = first.begin(None)
+    for member, k in zip(state.members, (10, 20, 10, 20)):
+        member.truncation = k
+    first.checkpoint(state)
+    other = dataclasses.replace(smoke_config,
+                                population=dataclasses.replace(smoke_config.population, truncations=(20, 40)))
+    lines = []
+    second = Trainer(other, tmp_path, report=lambda event: lines.append(format_event(event)))
+    resumed = second.begin(load_latest(tmp_path, other, on_skip=lambda p, e: None))
+    assert [m.truncation for m in resumed.members][1::2] == [20, 20]  # still listed: kept
+    assert all(m.truncation in (20, 40) for m in resumed.members)
+    redrawn = [r for r in read_events(tmp_path / "events.jsonl") if r.kind == "truncations_redrawn"]
+    assert len(redrawn) == 1 and redrawn[0].members == (0, 2) and redrawn[0].before == (10, 10)
+    assert redrawn[0].after == (resumed.members[0].truncation, resumed.members[2].truncation)
+    assert any(line and "K redrawn for m0 (10 -> " in line for line in lines)
+    # Resumed again with the same list, nothing is redrawn.
+    second.checkpoint(resumed)
+    Trainer(other, tmp_path, report=lambda r: None).begin(load_latest(tmp_path, other, on_skip=lambda p, e: None))
+    assert sum(r.kind == "truncations_redrawn" for r in read_events(tmp_path / "events.jsonl")) == 1

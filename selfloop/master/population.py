@@ -78,6 +78,21 @@ def init_population(config: Config) -> list[Member]:
     return members
 
 
+def redraw_unlisted_truncations(members: list[Member], truncations: tuple[int, ...],
+                                rng: np.random.Generator) -> dict[int, tuple[int, int]]:
+    """Give every member whose K is not in ``truncations`` a K drawn from them,
+    as PBT's explore step would; {member: (old K, new K)} for those redrawn.
+
+    A run resumed with another ``population.truncations`` trains on the lengths
+    it was given from its next round, not only as PBT happens to redraw them."""
+    redrawn = {}
+    for i, member in enumerate(members):
+        if member.truncation not in truncations:
+            old, member.truncation = member.truncation, int(rng.choice(truncations))
+            redrawn[i] = (old, member.truncation)
+    return redrawn
+
+
 @functools.cache
 def outer_step_fn(lopt: LearnedOptimizer):
     """Jitted outer update for ``lopt``: the lopt's own update rule, its step

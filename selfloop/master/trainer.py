@@ -33,7 +33,13 @@ from selfloop.farm.units import UnitResult, WorkUnit, run_unit, warm_up
 from selfloop.lopt import make_lopt
 from selfloop.master import guard
 from selfloop.master.pbt import ScoringFailed, tournament
-from selfloop.master.population import apply_outer_steps, context_for, init_population, outer_settings
+from selfloop.master.population import (
+    apply_outer_steps,
+    context_for,
+    init_population,
+    outer_settings,
+    redraw_unlisted_truncations,
+)
 from selfloop.master.session import PhaseProgress, Session
 from selfloop.state import FamilySpread, RunState
 from selfloop.store.checkpoint import prune, write_checkpoint
@@ -178,6 +184,10 @@ class Trainer:
                                                                    for m in state.members),
             last_event=tuple(m.last_event for m in state.members),
         ))
+        redrawn = redraw_unlisted_truncations(state.members, self.config.population.truncations, state.pbt_rng)
+        if redrawn:
+            before, after = zip(*redrawn.values())
+            self.log(events.TruncationsRedrawn(state.round, members=tuple(redrawn), before=before, after=after))
         return state
 
     @contextlib.contextmanager

@@ -116,6 +116,10 @@ FORMATS: dict[type[ev.Event], Callable] = {
         f"note  round {e.round}: eval.* changed on resume, so held-out scores start a new series "
         f"(set {e.after}, was {e.before})"
     ),
+    ev.TruncationsRedrawn: lambda e: (
+        f"note  round {e.round}: population.truncations changed on resume, K redrawn for "
+        + ", ".join(f"m{m} ({b} -> {a})" for m, b, a in zip(e.members, e.before, e.after))
+    ),
     ev.End: lambda e: (
         f"end   round {e.round}  {e.elapsed:.1f}s  best held-out {e.start_best:.3f} -> {e.end_best:.3f}  "
         f"(Adam best fixed {e.adam_best_fixed:.3f}, tuned {e.adam_tuned:.3f})"
