@@ -37,17 +37,23 @@ def load_task_curves(out_dir: Path) -> tuple[np.ndarray, Curves]:
 
 def merged_curves(out_dirs: list[Path]) -> tuple[np.ndarray, Curves]:
     """The learned optimizers of every folder and the Adam curves of the first; the folders
-    must hold the same tasks (the same Adam curves)."""
+    must hold the same tasks (the same Adam curves). Where two folders hold an optimizer of
+    the same name (every run's members are m0, m1, ...), each learned optimizer is shown as
+    FOLDER/NAME, so that no folder's curves replace another's."""
     families, first = load_task_curves(out_dirs[0])
-    merged = dict(first.per_task)
-    for out_dir in out_dirs[1:]:
+    adam = {name: values for name, values in first.per_task.items() if name.startswith("adam")}
+    learned = []  # (folder, name, curves) of every folder's learned optimizers
+    for out_dir in out_dirs:
         other_families, other = load_task_curves(out_dir)
-        same_adam = all(np.array_equal(other.per_task[name], merged[name]) for name in merged
-                        if name.startswith("adam"))  # fmt: skip
+        same_adam = all(np.array_equal(other.per_task[name], values) for name, values in adam.items())
         if not (np.array_equal(other_families, families) and same_adam):
             fail(f"{out_dir}: not the held-out tasks of {out_dirs[0]} (evaluate both on the same set)")
-        merged.update({name: values for name, values in other.per_task.items() if not name.startswith("adam")})
-    return families, Curves(merged)
+        learned += [(out_dir.name, name, values) for name, values in other.per_task.items()
+                    if not name.startswith("adam")]  # fmt: skip
+    names = [name for _, name, _ in learned]
+    labelled = len(set(names)) < len(names)
+    shown = {(f"{folder}/{name}" if labelled else name): values for folder, name, values in learned}
+    return families, Curves({**shown, **adam})
 
 
 def profile_rows(families: np.ndarray, curves: Curves, steps: list[int]) -> list[tuple]:
