@@ -58,6 +58,7 @@ ADDED_KEYS: dict[str, Any] = {
     "tasks.noisy_quadratic_share": 0.0,
     "population.outer_step_mult": 1.0,
     "estimator.grad_weight": "unit",
+    "population.fill_farm": False,
 }
 
 
@@ -124,7 +125,19 @@ class PopulationConfig:
     size: int = _check(lambda v: v >= 2, "an integer >= 2 (PBT compares two members)", 10)  # the paper's
     # The paper's {200, 300, 400, 800} / 10: short unrolls keep a round near a second.
     truncations: tuple[int, ...] = positive_list((20, 30, 40, 80))
-    tasks_per_member: int = positive(2)  # persistent inner problems per member, one work unit each
+    # Persistent inner problems per member, one work unit each: the tasks in
+    # a member's meta-batch, at least. A bigger meta-batch is not free where
+    # every core is busy (more work per outer step, fewer steps per minute;
+    # BENCHMARKS.md), so 2 is the least for a 2-core machine.
+    tasks_per_member: int = positive(2)
+    # Grow the meta-batch to fill the farm: a round runs its size x tasks
+    # units in ceil(units / workers) waves, and the last wave leaves workers
+    # idle that could estimate more tasks in the same time. With fill_farm,
+    # tasks per member is the most that fits in the waves tasks_per_member
+    # needs anyway (selfloop.master.population.meta_batch_tasks): 2 on up to
+    # 14 workers, 3 on 16, 6 on 64. A run resumed on another farm is resized
+    # to it. False: tasks_per_member on every farm.
+    fill_farm: bool = True
     # Safety rail, not an update rule: an outer step longer than this fraction
     # of ‖θ‖ is shortened to it; 0 disables it. It is there for the outer
     # optimizer that proposes a step far too long (a lopt fed a meta-gradient

@@ -81,6 +81,19 @@ class TruncationsRedrawn(Event):
 
 
 @dataclass(frozen=True)
+class MetaBatch(Event):
+    """Tasks per member's meta-batch for this session, for its farm of
+    ``workers`` (population.fill_farm); ``before``: what the resumed members
+    had (0 for a new population)."""
+
+    kind: ClassVar[str] = "meta_batch"
+    round: int
+    tasks: int
+    workers: int
+    before: int
+
+
+@dataclass(frozen=True)
 class Progress(Event):
     kind: ClassVar[str] = "progress"
     message: str
@@ -289,8 +302,9 @@ class End(Event):
 
 
 KINDS: dict[str, type[Event]] = {cls.kind: cls for cls in (
-    Start, Resume, HeldoutChanged, TruncationsRedrawn, Progress, Phase, Fresh, CheckpointSkipped, Reference, Round,
-    Tournament, TournamentSkipped, Eval, EvalFailed, UnitFailed, Rollback, Rejected, Checkpoint, End,
+    Start, Resume, HeldoutChanged, TruncationsRedrawn, MetaBatch, Progress, Phase, Fresh, CheckpointSkipped,
+    Reference, Round, Tournament, TournamentSkipped, Eval, EvalFailed, UnitFailed, Rollback, Rejected, Checkpoint,
+    End,
 )}  # fmt: skip
 
 

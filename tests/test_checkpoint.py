@@ -415,3 +415,34 @@ def test_a_resume_with_other_truncations_redraws_every_k_no_longer_listed(smoke_
     second.checkpoint(resumed)
     Trainer(other, tmp_path, report=lambda r: None).begin(load_latest(tmp_path, other, on_skip=lambda p, e: None))
     assert sum(r.kind == "truncations_redrawn" for r in read_events(tmp_path / "events.jsonl")) == 1
+
+
+def test_a_resume_on_a_bigger_farm_grows_every_members_meta_batch_and_a_smaller_one_shrinks_it(smoke_config,
+                                                                                                 tmp_path):
+    first = Trainer(smoke_config, tmp_path, report=lambda r: None)
+    first.prepare()
+    first.train(first.begin(None), max_rounds=2)  # slots mid-episode, checkpointed
+    saved = read_checkpoint(list_checkpoints(tmp_path)[0], smoke_config)
+    assert all(len(m.slots) == 1 for m in saved.members)
+
+    first.farm.stats.workers = 12  # 4 members x 1 task fill one wave of 4: 12 workers hold 3 each
+    lines = []
+    first.log.report = lambda event: lines.append(format_event(event))
+    grown = first.begin(load_latest(tmp_path, smoke_config, on_skip=lambda p, e: None))
+    assert all(len(m.slots) == 3 for m in grown.members)
+    for kept, member in zip(saved.members, grown.members):  # the running problem goes on; two new ones start
+        assert member.slots[0].spec == kept.slots[0].spec
+        assert [int(s.state.episode.index) for s in member.slots[1:]] == [0, 0]
+    assert any(line and "meta-batch of 3 tasks per member on 12 workers (resized from 1)" in line for line in lines)
+    first.train(grown, max_rounds=3)
+    rounds = [r for r in read_events(tmp_path / "events.jsonl") if r.kind == "round"]
+    assert rounds[-1].estimates == 12 and rounds[-1].failed_units == 0
+    assert all(len(m.slots) == 3 for m in read_checkpoint(list_checkpoints(tmp_path)[0], smoke_config).members)
+
+    fixed = dataclasses.replace(smoke_config, population=dataclasses.replace(smoke_config.population,
+                                                                             fill_farm=False))
+    shrunk = Trainer(fixed, tmp_path, report=lambda r: None).begin(load_latest(tmp_path, fixed,
+                                                                              on_skip=lambda p, e: None))
+    assert all(len(m.slots) == 1 for m in shrunk.members)
+    resized = [r for r in read_events(tmp_path / "events.jsonl") if r.kind == "meta_batch"]
+    assert [(r.before, r.tasks) for r in resized] == [(0, 1), (1, 3), (3, 1)]

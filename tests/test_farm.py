@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
@@ -12,9 +13,10 @@ import jax
 import numpy as np
 import pytest
 
+from selfloop.config import PopulationConfig
 from selfloop.farm.engines import InProcessFarm, LocalFarm, UnitFailure, dispatch_order
 from selfloop.farm.units import run_unit
-from selfloop.master.population import context_for, init_population
+from selfloop.master.population import context_for, init_population, meta_batch_tasks
 from selfloop.master.trainer import Trainer, make_units
 from selfloop.state import RunState
 
@@ -159,3 +161,13 @@ def test_dask_local_cluster_gives_the_local_pool_result(local_farm, smoke_config
         np.testing.assert_array_equal(_flat(a.gradient), _flat(b.gradient))
         np.testing.assert_array_equal(_flat(a.state), _flat(b.state))
         assert a.meta_loss == b.meta_loss
+
+
+@pytest.mark.parametrize("workers, tasks", [(0, 2), (1, 2), (2, 2), (14, 2), (15, 3), (16, 3), (20, 2), (64, 6),
+                                            (200, 20)])
+def test_the_meta_batch_fills_the_waves_of_units_a_round_runs_anyway(workers, tasks):
+    population = PopulationConfig()  # 10 members, at least 2 tasks each
+    assert meta_batch_tasks(population, workers) == tasks
+    waves = -(-population.size * population.tasks_per_member // max(workers, 1))
+    assert population.size * tasks <= waves * max(workers, 1)  # no round needs a wave more
+    assert meta_batch_tasks(dataclasses.replace(population, fill_farm=False), workers) == 2

@@ -11,13 +11,14 @@ way θ ever changes; no hand-designed optimizer exists on this path.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from selfloop.config import Config
+from selfloop.config import Config, PopulationConfig
 from selfloop.farm.units import UnitContext, initial_slot
 from selfloop.lopt import LearnedOptimizer, make_lopt
 from selfloop.lopt.base import tree_all_finite, tree_l2_norm
@@ -56,8 +57,37 @@ def context_for(config: Config) -> UnitContext:
     return UnitContext(seed=config.run.seed, lopt=config.lopt, estimator=config.estimator, tasks=config.tasks)
 
 
-def init_population(config: Config) -> list[Member]:
-    """Random lopt weights, random outer optimizers, random truncations."""
+def meta_batch_tasks(population: PopulationConfig, workers: int) -> int:
+    """Tasks in each member's meta-batch on a farm of ``workers``.
+
+    A round's units run in ceil(units / workers) waves whatever the farm, so
+    the waves that ``tasks_per_member`` tasks per member need have room for
+    floor(waves * workers / size) tasks per member at no more wall time a
+    round (units differ in length, so this is the packing's bound, not a
+    promise): with ``fill_farm`` a big farm gives every outer step a better
+    meta-gradient, not only more rounds, and a small one keeps the minimum."""
+    least = population.tasks_per_member
+    if not population.fill_farm or workers < 1:
+        return least
+    waves = math.ceil(population.size * least / workers)
+    return max(least, waves * workers // population.size)
+
+
+def resize_meta_batches(members: list[Member], tasks: int, context: UnitContext) -> int:
+    """Give every member ``tasks`` persistent inner problems: slots beyond it
+    are dropped (their episodes end), missing ones start their first episode
+    on a fresh task under the member's θ. Returns the count before (the
+    largest any member had)."""
+    before = max(len(m.slots) for m in members)
+    for i, member in enumerate(members):
+        del member.slots[tasks:]
+        member.slots += [Slot(*initial_slot(context, i, s, member.theta)) for s in range(len(member.slots), tasks)]
+    return before
+
+
+def init_population(config: Config, tasks: int | None = None) -> list[Member]:
+    """Random lopt weights, random outer optimizers, random truncations;
+    ``tasks`` inner problems each (default ``population.tasks_per_member``)."""
     lopt = make_lopt(config.lopt)
     context = context_for(config)
     rng = np.random.default_rng([config.run.seed, 0x9091])
@@ -65,7 +95,7 @@ def init_population(config: Config) -> list[Member]:
     members = []
     for i, key in enumerate(keys):
         theta = lopt.init_theta(key)
-        slots = [Slot(*initial_slot(context, i, s, theta)) for s in range(config.population.tasks_per_member)]
+        slots = [Slot(*initial_slot(context, i, s, theta)) for s in range(tasks or config.population.tasks_per_member)]
         members.append(
             Member(
                 theta=theta,

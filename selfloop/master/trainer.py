@@ -37,8 +37,10 @@ from selfloop.master.population import (
     apply_outer_steps,
     context_for,
     init_population,
+    meta_batch_tasks,
     outer_settings,
     redraw_unlisted_truncations,
+    resize_meta_batches,
 )
 from selfloop.master.session import PhaseProgress, Session
 from selfloop.state import FamilySpread, RunState
@@ -167,8 +169,10 @@ class Trainer:
             heldout=tuple(s.describe() for s in self.heldout), unseen=tuple(s.describe() for s in self.unseen),
             workers=self.farm.stats.workers, run_dir=str(self.run_dir), resumed_from=resumed_from,
         ))
+        tasks = meta_batch_tasks(self.config.population, self.farm.stats.workers)
         if found is None:
-            state = self.new_state()
+            state = self.new_state(tasks)
+            self.log(events.MetaBatch(state.round, tasks, self.farm.stats.workers, before=0))
             self.started = time.time()
             self.checkpoint(state)
             return state
@@ -188,6 +192,8 @@ class Trainer:
         if redrawn:
             before, after = zip(*redrawn.values())
             self.log(events.TruncationsRedrawn(state.round, members=tuple(redrawn), before=before, after=after))
+        before = resize_meta_batches(state.members, tasks, self.context)
+        self.log(events.MetaBatch(state.round, tasks, self.farm.stats.workers, before=before))
         return state
 
     @contextlib.contextmanager
@@ -212,9 +218,9 @@ class Trainer:
         fixed, tuned = self.reference.summary
         self.log(events.Reference(self.heldout_set, adam_best_fixed=float(np.min(fixed)), adam_tuned=float(tuned)))
 
-    def new_state(self) -> RunState:
+    def new_state(self, tasks: int | None = None) -> RunState:
         return RunState(
-            members=init_population(self.config), pbt_rng=np.random.default_rng([self.config.run.seed, 0xB7]),
+            members=init_population(self.config, tasks), pbt_rng=np.random.default_rng([self.config.run.seed, 0xB7]),
             heldout_set=self.heldout_set,
         )
 
@@ -315,7 +321,7 @@ class Trainer:
             clipped_estimates=clipped,
             replaced_tasks=int(sum(r.replaced for r in results)),
             replaced_by_member=tuple(sum(r.replaced for r in results if r.member == i) for i in range(len(members))),
-            failed_units=len(members) * self.config.population.tasks_per_member - len(results),
+            failed_units=sum(len(m.slots) for m in members) - len(results),
             inner_steps=state.inner_steps,
             worker_restarts=self.farm.stats.restarts,
             compile_seconds=self.compile_seconds(),

@@ -190,7 +190,7 @@ HANDLERS: dict[type[ev.Event], Callable] = {
 }
 # Types also listed, as their log line, in the events panel.
 LISTED = (ev.Tournament, ev.TournamentSkipped, ev.Rollback, ev.Rejected, ev.UnitFailed, ev.CheckpointSkipped,
-          ev.EvalFailed, ev.TruncationsRedrawn)
+          ev.EvalFailed, ev.TruncationsRedrawn, ev.MetaBatch)
 # Types whose run time is not the clock's now: a resume's is the checkpoint's, an end's the session's.
 UNTIMED = (ev.Resume, ev.End)
 

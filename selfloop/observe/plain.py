@@ -120,6 +120,10 @@ FORMATS: dict[type[ev.Event], Callable] = {
         f"note  round {e.round}: population.truncations changed on resume, K redrawn for "
         + ", ".join(f"m{m} ({b} -> {a})" for m, b, a in zip(e.members, e.before, e.after))
     ),
+    ev.MetaBatch: lambda e: (
+        f"note  round {e.round}: meta-batch of {e.tasks} tasks per member on {e.workers} workers"
+        + (f" (resized from {e.before})" if e.before and e.before != e.tasks else "")
+    ),
     ev.End: lambda e: (
         f"end   round {e.round}  {e.elapsed:.1f}s  best held-out {e.start_best:.3f} -> {e.end_best:.3f}  "
         f"(Adam best fixed {e.adam_best_fixed:.3f}, tuned {e.adam_tuned:.3f})"

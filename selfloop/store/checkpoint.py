@@ -60,7 +60,6 @@ FORMAT_VERSION = 1
 FROZEN_KEYS = (
     "run.seed",
     "population.size",
-    "population.tasks_per_member",
     "lopt.arch",
     "lopt.hidden",
     "lopt.lstm_hidden",
@@ -260,7 +259,8 @@ def _read_member(group: h5py.Group, templates: Templates, where: str) -> Member:
         guard.best_outer_state = read_tree(guard_group, "best_outer_state", templates.outer_state, where)
     slots = []
     slot_groups = group["slots"]
-    for s in range(templates.config.population.tasks_per_member):
+    # As many as were saved: the meta-batch follows the farm (population.fill_farm).
+    for s in range(len(slot_groups)):
         if str(s) not in slot_groups:
             raise CheckpointError(f"{where}: missing group {slot_groups.name}/{s}")
         sg = slot_groups[str(s)]
