@@ -93,18 +93,18 @@ def init_population(config: Config, tasks: int | None = None) -> list[Member]:
     rng = np.random.default_rng([config.run.seed, 0x9091])
     keys = jax.random.split(jax.random.PRNGKey(config.run.seed), config.population.size)
     members = []
-    for i, key in enumerate(keys):
+    for key in keys:
         theta = lopt.init_theta(key)
-        slots = [Slot(*initial_slot(context, i, s, theta)) for s in range(tasks or config.population.tasks_per_member)]
         members.append(
             Member(
                 theta=theta,
                 outer_state=lopt.init_state(theta),
                 outer_index=int(rng.integers(config.population.size)),
                 truncation=int(rng.choice(config.population.truncations)),
-                slots=slots,
+                slots=[],
             )
         )
+    resize_meta_batches(members, tasks or config.population.tasks_per_member, context)
     return members
 
 
